@@ -1,0 +1,3 @@
+from dvd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Deterministic random weights for a preset, in original-layout names.
+
+The -HF layout is written from the same tensors (renamed, qkv split), so both layouts of one
+seed hold the same model. Scales are chosen so that activations stay O(1) through the
+towers (weights ~ 1/sqrt(fan_in)), and so that the tiny LLM's logits are peaked: embeddings
+and lm_head have std 1, which makes greedy decoding follow the context instead of repeating
+one token forever.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from dvd.checkpoint.presets import Preset
+
+if TYPE_CHECKING:
+    import torch
+
+
+class _Init:
+    """Draws tensors in a fixed order from one seeded generator."""
+
+    def __init__(self, seed: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.out: dict[str, torch.Tensor] = {}
+
+    def normal(self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> None:
+        t = self.torch.randn(*shape, generator=self.generator) * std + mean
+        self.out[name] = t
+
+    def uniform(self, name: str, shape: tuple[int, ...], low: float, high: float) -> None:
+        t = self.torch.rand(*shape, generator=self.generator) * (high - low) + low
+        self.out[name] = t
+
+    def linear(self, name: str, fan_out: int, fan_in: int, bias: bool) -> None:
+        self.normal(f"{name}.weight", (fan_out, fan_in), 1 / math.sqrt(fan_in))
+        if bias:
+            self.normal(f"{name}.bias", (fan_out,), 0.02)
+
+    def norm(self, name: str, size: int, bias: bool) -> None:
+        """Norm weights near 1 and biases near 0, with noise so no tensor is trivial."""
+        self.normal(f"{name}.weight", (size,), 0.02, mean=1.0)
+        if bias:
+            self.normal(f"{name}.bias", (size,), 0.02)
+
+
+def random_state_dict(preset: Preset, vocab_size: int, live_vocab: int, seed: int) -> dict:
+    """Original-layout state dict (float32). Rows of lm_head at or past `live_vocab` (ids
+    the tokenizer does not have, the padding up to vocab_size) are zero, so greedy decoding
+    never picks an id that cannot be detokenized."""
+    init = _Init(seed)
+    _vision(init, preset)
+    _projector(init, preset)
+    _llm(init, preset, vocab_size)
+    state = init.out
+    head = "language_model.lm_head.weight"
+    if head in state:
+        state[head][live_vocab:] = 0.0
+    return state
+
+
+def _vision(init: _Init, p: Preset) -> None:
+    d = p.vit_hidden
+    patches = (p.image_size // p.patch_size) ** 2
+    layer_norm = p.vit_norm_type == "layer_norm"
+    init.normal("vision_model.embeddings.class_embedding", (1, 1, d), 0.5)
+    # pixels are normalized to ~N(0, 1): 1/sqrt(3*14*14) keeps patch features ~N(0, 1)
+    fan_in = 3 * p.patch_size * p.patch_size
+    init.normal(
+        "vision_model.embeddings.patch_embedding.weight",
+        (d, 3, p.patch_size, p.patch_size),
+        1 / math.sqrt(fan_in),
+    )
+    init.normal("vision_model.embeddings.patch_embedding.bias", (d,), 0.02)
+    init.normal("vision_model.embeddings.position_embedding", (1, patches + 1, d), 0.5)
+    for i in range(p.vit_layers):
+        prefix = f"vision_model.encoder.layers.{i}"
+        init.linear(f"{prefix}.attn.qkv", 3 * d, d, bias=p.vit_qkv_bias)
+        if p.vit_qk_normalization:
+            # InternViT's q/k RMSNorm spans the whole hidden size, weight only.
+            init.norm(f"{prefix}.attn.q_norm", d, bias=False)
+            init.norm(f"{prefix}.attn.k_norm", d, bias=False)
+        init.linear(f"{prefix}.attn.proj", d, d, bias=True)
+        # layer scale: InternViT-300M's trained values span roughly 0.1..1
+        init.uniform(f"{prefix}.ls1", (d,), 0.1, 1.0)
+        init.uniform(f"{prefix}.ls2", (d,), 0.1, 1.0)
+        init.norm(f"{prefix}.norm1", d, bias=layer_norm)
+        init.norm(f"{prefix}.norm2", d, bias=layer_norm)
+        init.linear(f"{prefix}.mlp.fc1", p.vit_intermediate, d, bias=True)
+        init.linear(f"{prefix}.mlp.fc2", d, p.vit_intermediate, bias=True)
+
+
+def _projector(init: _Init, p: Preset) -> None:
+    """mlp1 = LayerNorm(4d) -> Linear(4d, h) -> GELU -> Linear(h, h) (vLLM's _init_mlp1)."""
+    shuffled = p.vit_hidden * int(1 / p.downsample_ratio) ** 2
+    init.norm("mlp1.0", shuffled, bias=True)
+    init.linear("mlp1.1", p.llm_hidden, shuffled, bias=True)
+    init.linear("mlp1.3", p.llm_hidden, p.llm_hidden, bias=True)
+
+
+def _llm(init: _Init, p: Preset, vocab_size: int) -> None:
+    h = p.llm_hidden
+    q = p.llm_heads * p.llm_head_dim
+    kv = p.llm_kv_heads * p.llm_head_dim
+    init.normal("language_model.model.embed_tokens.weight", (vocab_size, h), 1.0)
+    for i in range(p.llm_layers):
+        prefix = f"language_model.model.layers.{i}"
+        init.linear(f"{prefix}.self_attn.q_proj", q, h, bias=False)
+        init.linear(f"{prefix}.self_attn.k_proj", kv, h, bias=False)
+        init.linear(f"{prefix}.self_attn.v_proj", kv, h, bias=False)
+        init.linear(f"{prefix}.self_attn.o_proj", h, q, bias=False)
+        init.norm(f"{prefix}.self_attn.q_norm", p.llm_head_dim, bias=False)
+        init.norm(f"{prefix}.self_attn.k_norm", p.llm_head_dim, bias=False)
+        init.linear(f"{prefix}.mlp.gate_proj", p.llm_intermediate, h, bias=False)
+        init.linear(f"{prefix}.mlp.up_proj", p.llm_intermediate, h, bias=False)
+        init.linear(f"{prefix}.mlp.down_proj", h, p.llm_intermediate, bias=False)
+        init.norm(f"{prefix}.input_layernorm", h, bias=False)
+        init.norm(f"{prefix}.post_attention_layernorm", h, bias=False)
+    init.norm("language_model.model.norm", h, bias=False)
+    if not p.tie_word_embeddings:
+        init.normal("language_model.lm_head.weight", (vocab_size, h), 1.0)
+
+
+def to_hf(state: dict[str, torch.Tensor], vit_hidden: int) -> dict[str, torch.Tensor]:
+    """The same tensors under -HF names (attn.qkv split into q/k/v along the output dim)."""
+    from dvd.checkpoint.names import original_to_hf
+
+    out = {}
+    for name, tensor in state.items():
+        target = original_to_hf(name)
+        if isinstance(target, list):
+            for i, part in enumerate(target):
+                out[part] = tensor[i * vit_hidden : (i + 1) * vit_hidden].clone()
+        else:
+            out[target] = tensor
+    return out

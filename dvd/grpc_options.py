@@ -1,0 +1,27 @@
+"""gRPC channel and server options shared by every dvd process.
+
+gRPC's default receive limit is 4 MiB on both ends. Feature chunks are kept well below
+MAX_CHUNK_BYTES, but a request carries whole images, so the limit is raised deliberately
+and named here once.
+"""
+
+from __future__ import annotations
+
+MAX_CHUNK_BYTES = 2 * 1024 * 1024
+"""Default size of a feature chunk on the gRPC stream."""
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Largest single gRPC message any dvd process sends or accepts (requests carry images)."""
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]

@@ -1,0 +1,56 @@
+"""Running a grpc.aio server until SIGTERM/SIGINT, then draining in-flight calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from dvd.grpc_options import SERVER_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Binds an insecure port; a clear error when the address is taken or invalid."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+async def serve_until_signal(server: grpc.aio.Server, name: str, address: str, grace_s: float,
+                             on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Starts `server`, waits for SIGTERM/SIGINT, stops taking calls and drains for grace_s."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    log.info("%s listening on %s", name, address)
+    waiter = asyncio.create_task(server.wait_for_termination())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("%s stopping; in-flight calls get %.0f s to finish", name, grace_s)
+    await server.stop(grace_s)
+    stopper.cancel()
+    if on_stop is not None:
+        await on_stop()
+    log.info("%s stopped", name)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,104 @@
+"""The gateway's FastAPI app: routes, middleware, and the state its lifespan owns.
+
+`create_app(config)` builds the app; its lifespan opens the language-server pool, the
+metrics registry and (when remote images are allowed) an HTTP client, and stores them on
+`app.state`. Nothing lives in module globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from dvd import __version__
+from gateway.backends import BackendPool
+from gateway.config import GatewayConfig
+from gateway.errors import error_body, install_handlers
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import CHAT_PATH, AccessMiddleware, BodyLimitMiddleware
+from gateway.protocol import ChatCompletion, ErrorResponse, ModelCard, ModelList
+from gateway.serving import create_chat_completion, served_model
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 404, 413, 500, 503)
+}
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    """The gateway app for `config`; serve it with uvicorn (see gateway.cli.run)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.pool = BackendPool.connect(config.language_addresses)
+        app.state.metrics = GatewayMetrics()
+        app.state.http = _image_client(config)
+        try:
+            yield
+        finally:
+            await app.state.pool.close()
+            if app.state.http is not None:
+                await app.state.http.aclose()
+
+    app = FastAPI(title="dvd-serve gateway", version=__version__, lifespan=lifespan)
+    app.state.config = config
+    install_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    app.add_middleware(AccessMiddleware)  # added last: outermost
+    _add_routes(app)
+    return app
+
+
+def _image_client(config: GatewayConfig) -> httpx.AsyncClient | None:
+    if not config.allow_remote_images:
+        return None
+    return httpx.AsyncClient(
+        timeout=config.remote_image_timeout_s, follow_redirects=True, max_redirects=3
+    )
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.post(
+        CHAT_PATH,
+        response_model=ChatCompletion,
+        responses=ERROR_RESPONSES,
+        summary="OpenAI chat completion (JSON, or SSE when stream is true)",
+    )
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(request)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models(request: Request) -> ModelList:
+        state = request.app.state
+        name, limits = await served_model(state.pool, state.config, None)
+        return ModelList(data=[ModelCard(id=name, max_model_len=limits.max_model_len)])
+
+    @app.get("/health", summary="Liveness: 200 while the process runs")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Readiness: 200 only when every language server is SERVING")
+    async def ready(request: Request) -> JSONResponse:
+        state = request.app.state
+        results = await state.pool.health(state.config.health_timeout_s)
+        body: dict[str, Any] = {
+            "ready": all(h.serving for h in results),
+            "backends": [asdict(h) for h in results],
+        }
+        failed = [f"{h.address} ({h.detail})" for h in results if not h.serving]
+        if not failed:
+            return JSONResponse(body)
+        message = "language servers not serving: " + "; ".join(failed)
+        body |= error_body(503, message, code="backend_unavailable")
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        registry: GatewayMetrics = request.app.state.metrics
+        return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,156 @@
+"""`dvd gateway`: the OpenAI-compatible HTTP front door (FastAPI + uvicorn).
+
+Every flag's default comes from `DVD_GATEWAY_<FLAG>` (see dvd.flags). Heavy imports (FastAPI,
+uvicorn, gRPC) happen in `run`, so `dvd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import TYPE_CHECKING, Any
+
+from dvd.flags import add_flag
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+COMMAND = "gateway"
+MIB = 1024 * 1024
+
+
+class _Addresses(argparse.Action):
+    """--language: repeatable and comma-separated; the first use replaces the default."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from gateway.config import split_addresses
+
+        current = getattr(namespace, self.dest)
+        addresses = [] if current is self.default else list(current)
+        addresses.extend(split_addresses(str(values)))
+        setattr(namespace, self.dest, addresses)
+
+
+def register(subparsers: Any) -> None:
+    """Adds the `gateway` subcommand to the `dvd` CLI."""
+    parser = subparsers.add_parser(
+        COMMAND,
+        help="serve the OpenAI-compatible HTTP API in front of language servers",
+        description=(
+            "Serves POST /v1/chat/completions (JSON or SSE), GET /v1/models, /health, /ready "
+            "and /metrics, and forwards each chat request to the language server with the "
+            "fewest requests in flight over gRPC."
+        ),
+    )
+    flag = functools.partial(add_flag, parser, COMMAND)
+    flag("--host", "127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    flag("--port", 8000, "HTTP port to listen on")
+    flag(
+        "--language",
+        "127.0.0.1:50061",
+        "language server address host:port; repeat the flag or separate with commas for "
+        "several (requests go to the least busy one)",
+        action=_Addresses,
+        metavar="ADDR",
+    )
+    flag(
+        "--served-model-name",
+        None,
+        "model name clients must send; unset asks the language server's Info",
+    )
+    flag("--max-image-bytes", 20 * MIB, "largest encoded image accepted, in bytes")
+    flag(
+        "--max-image-pixels",
+        40_000_000,
+        "largest image accepted, in width*height pixels (read from the header, not decoded)",
+    )
+    flag("--max-images-per-request", 8, "most images accepted in one request")
+    flag(
+        "--max-request-bytes",
+        64 * MIB,
+        "largest HTTP request body, in bytes; larger bodies get 413 before parsing",
+    )
+    flag(
+        "--max-tokens-limit",
+        0,
+        "cap on max_tokens a client may ask for, also the default when it asks for none "
+        "(0: no cap, generate up to the context limit)",
+    )
+    flag(
+        "--request-timeout-s",
+        600.0,
+        "deadline of one generation on the language server, in seconds (504 when passed)",
+    )
+    flag(
+        "--allow-remote-images",
+        False,
+        "fetch http(s) image URLs (off: only data: URLs; on lets clients make the gateway "
+        "fetch any URL it can reach)",
+    )
+    flag("--remote-image-timeout-s", 10.0, "total time allowed to fetch one remote image")
+    flag("--health-timeout-s", 2.0, "how long /ready waits for each language server's Health")
+    flag(
+        "--log-level",
+        "info",
+        "log level",
+        choices=["critical", "error", "warning", "info", "debug"],
+    )
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The GatewayConfig the parsed flags describe (ValueError names a bad field)."""
+    from gateway.config import GatewayConfig, split_addresses
+
+    language = args.language
+    addresses = split_addresses(language) if isinstance(language, str) else list(language)
+    return GatewayConfig(
+        host=args.host,
+        port=args.port,
+        language_addresses=tuple(addresses),
+        served_model_name=args.served_model_name or None,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_images_per_request=args.max_images_per_request,
+        max_request_bytes=args.max_request_bytes,
+        max_tokens_limit=args.max_tokens_limit or None,
+        request_timeout_s=args.request_timeout_s,
+        allow_remote_images=args.allow_remote_images,
+        remote_image_timeout_s=args.remote_image_timeout_s,
+        health_timeout_s=args.health_timeout_s,
+        log_level=args.log_level,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Builds the config from the flags and serves the gateway until interrupted."""
+    import logging
+
+    import uvicorn
+
+    from gateway.app import create_app
+
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"dvd gateway: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        access_log=False,  # AccessMiddleware logs one line per request
+        timeout_graceful_shutdown=30,
+    )
+    return 0

@@ -1,0 +1,82 @@
+"""The gateway's one frozen config, built by the CLI (or tests) and passed to `create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Where the gateway listens, which language servers it calls, and the limits it enforces."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    language_addresses: tuple[str, ...] = ("127.0.0.1:50061",)
+    """Language servers (host:port) that requests are spread over."""
+    served_model_name: str | None = None
+    """Model name clients must ask for; None asks the language servers' Info."""
+    max_image_bytes: int = 20 * MIB
+    """Largest encoded image accepted (after base64 decoding or download)."""
+    max_image_pixels: int = 40_000_000
+    """Largest width * height accepted, read from the image header without decoding."""
+    max_images_per_request: int = 8
+    max_request_bytes: int = 64 * MIB
+    """Largest HTTP request body; larger bodies get 413 before any parsing."""
+    max_tokens_limit: int | None = None
+    """Cap on max_tokens a client may ask for (and the default when it asks for none)."""
+    request_timeout_s: float = 600.0
+    """Deadline of one Generate call on the language server."""
+    allow_remote_images: bool = False
+    """Whether http(s) image URLs are fetched (off by default: the gateway would fetch any URL)."""
+    remote_image_timeout_s: float = 10.0
+    health_timeout_s: float = 2.0
+    """How long /ready waits for each language server's Health answer."""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        addresses = self.language_addresses
+        if isinstance(addresses, str):
+            addresses = split_addresses(addresses)
+        object.__setattr__(self, "language_addresses", tuple(addresses))
+        if not self.language_addresses:
+            raise ValueError("language_addresses: at least one language server is needed")
+        for address in self.language_addresses:
+            _check_address(address)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not in 0..65535")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name: must not be empty (use None to ask Info)")
+        for name in (
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_images_per_request",
+            "max_request_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError(
+                f"max_tokens_limit: must be at least 1 or None, got {self.max_tokens_limit}"
+            )
+        for name in ("request_timeout_s", "remote_image_timeout_s", "health_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def split_addresses(text: str) -> list[str]:
+    """`"a:1, b:2"` -> `["a:1", "b:2"]`."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _check_address(address: str) -> None:
+    if address.startswith("unix:"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"language_addresses: {address!r} is not host:port")

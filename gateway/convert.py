@@ -1,0 +1,123 @@
+"""Converts a checked OpenAI chat request into the language server's `GenerateRequest`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import httpx
+
+from dvd.v1 import language_pb2
+from gateway.config import GatewayConfig
+from gateway.errors import ApiError
+from gateway.images import load_image
+from gateway.protocol import ChatCompletionRequest, ImagePart
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the served model allows, as far as the gateway knows it."""
+
+    max_model_len: int | None = None
+    max_images: int | None = None
+
+
+async def to_generate_request(
+    chat: ChatCompletionRequest,
+    request_id: str,
+    config: GatewayConfig,
+    client: httpx.AsyncClient | None = None,
+    limits: ModelLimits = ModelLimits(),
+) -> language_pb2.GenerateRequest:
+    """Messages (images loaded and checked, order kept) and sampling settings."""
+    sampling = sampling_options(chat, config.max_tokens_limit, limits.max_model_len)
+    images = await load_images(chat, config, client, limits.max_images)
+    messages = []
+    for m, message in enumerate(chat.messages):
+        parts = []
+        for p, part in enumerate(message.parts()):
+            if isinstance(part, ImagePart):
+                parts.append(language_pb2.ContentPart(image=images[(m, p)]))
+            else:
+                parts.append(language_pb2.ContentPart(text=part.text))
+        messages.append(language_pb2.ChatMessage(role=message.role, content=parts))
+    return language_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling)
+
+
+async def load_images(
+    chat: ChatCompletionRequest,
+    config: GatewayConfig,
+    client: httpx.AsyncClient | None,
+    model_max_images: int | None = None,
+) -> dict[tuple[int, int], bytes]:
+    """Every image's bytes keyed by (message index, part index), after the count check."""
+    where = [
+        (m, p, part.image_url.url)
+        for m, message in enumerate(chat.messages)
+        for p, part in enumerate(message.parts())
+        if isinstance(part, ImagePart)
+    ]
+    limit = config.max_images_per_request
+    if model_max_images:
+        limit = min(limit, model_max_images)
+    if len(where) > limit:
+        raise ApiError(
+            400,
+            f"messages: {len(where)} images in one request; at most {limit} are allowed",
+            param="messages",
+            code="too_many_images",
+        )
+    loads = [
+        load_image(url, config, client, f"messages[{m}].content[{p}].image_url.url")
+        for m, p, url in where
+    ]
+    data = await _gather(loads)
+    return {(m, p): blob for (m, p, _), blob in zip(where, data, strict=True)}
+
+
+async def _gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """asyncio.gather that cancels the rest when one fails."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+def sampling_options(
+    chat: ChatCompletionRequest, max_tokens_limit: int | None, max_model_len: int | None
+) -> language_pb2.SamplingOptions:
+    """OpenAI sampling fields as SamplingOptions; unset fields get OpenAI's defaults."""
+    param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
+    max_tokens = chat.requested_max_tokens()
+    if max_tokens_limit is not None:
+        if max_tokens is None:
+            max_tokens = max_tokens_limit
+        elif max_tokens > max_tokens_limit:
+            raise ApiError(
+                400,
+                f"{param}: {max_tokens} is over this server's limit of {max_tokens_limit}",
+                param=param,
+            )
+    if max_model_len and max_tokens is not None and max_tokens >= max_model_len:
+        raise ApiError(
+            400,
+            f"{param}: {max_tokens} leaves no room for the prompt in the model's context of "
+            f"{max_model_len} tokens",
+            param=param,
+        )
+    return language_pb2.SamplingOptions(
+        max_tokens=max_tokens or 0,
+        temperature=1.0 if chat.temperature is None else chat.temperature,
+        top_p=1.0 if chat.top_p is None else chat.top_p,
+        seed=chat.seed or 0,
+        has_seed=chat.seed is not None,
+        stop=chat.stop_list(),
+        ignore_eos=chat.ignore_eos,
+    )

@@ -1,0 +1,182 @@
+"""Turns an OpenAI `image_url` into the image's encoded bytes, under limits.
+
+`data:image/...;base64,` URLs are decoded here; http(s) URLs are fetched only when the config
+allows it. Each image then gets a cheap header check (format known, width * height within
+the pixel limit) without decoding its pixels: the full decode happens on the vision server.
+Every failure is a 400 `ApiError` whose message names the field (`param`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from gateway.config import GatewayConfig
+from gateway.errors import ApiError
+
+DECODE_IN_THREAD_BYTES = 1024 * 1024
+"""data: URLs longer than this are base64-decoded off the event loop."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str
+    width: int
+    height: int
+
+
+async def load_image(
+    url: str, config: GatewayConfig, client: httpx.AsyncClient | None, param: str
+) -> bytes:
+    """The image bytes behind `url`, checked against the config's limits."""
+    scheme = url[: url.find(":") + 1].lower()
+    if scheme == "data:":
+        if len(url) > DECODE_IN_THREAD_BYTES:
+            data = await asyncio.to_thread(decode_data_url, url, config.max_image_bytes, param)
+        else:
+            data = decode_data_url(url, config.max_image_bytes, param)
+    elif scheme in ("http:", "https:"):
+        if not config.allow_remote_images or client is None:
+            raise ApiError(
+                400,
+                f"{param}: image URLs are not fetched by this server; send the image inline "
+                "as a data:image/...;base64,... URL",
+                param=param,
+                code="remote_images_disabled",
+            )
+        data = await fetch_image(
+            client, url, config.max_image_bytes, config.remote_image_timeout_s, param
+        )
+    else:
+        raise ApiError(
+            400,
+            f"{param}: unsupported image URL scheme {scheme or url[:16]!r}; "
+            "use data:image/...;base64,...",
+            param=param,
+        )
+    check_image(data, config.max_image_pixels, param)
+    return data
+
+
+def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
+    """Bytes of a `data:image/<type>;base64,<payload>` URL."""
+    header, comma, payload = url[len("data:") :].partition(",")
+    if not comma:
+        raise ApiError(400, f"{param}: data: URL has no ',' before its payload", param=param)
+    mime, *options = (part.strip().lower() for part in header.split(";"))
+    if not mime.startswith("image/"):
+        raise ApiError(
+            400,
+            f"{param}: data: URL must have an image MIME type (data:image/png;base64,...), "
+            f"got {mime or 'none'!r}",
+            param=param,
+        )
+    if "base64" not in options:
+        raise ApiError(
+            400, f"{param}: data: URL must be base64-encoded (data:{mime};base64,...)", param=param
+        )
+    if len(payload) // 4 * 3 > max_bytes + 3:
+        raise _too_big(param, max_bytes)
+    data = _b64decode(payload, param)
+    if len(data) > max_bytes:
+        raise _too_big(param, max_bytes)
+    return data
+
+
+def _b64decode(payload: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    compact = "".join(payload.split())  # MIME-style line breaks are fine
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(
+            400, f"{param}: data: URL payload is not valid base64", param=param
+        ) from None
+
+
+async def fetch_image(
+    client: httpx.AsyncClient, url: str, max_bytes: int, timeout_s: float, param: str
+) -> bytes:
+    """Downloads `url`, stopping as soon as it is over `max_bytes` or `timeout_s` in total."""
+    try:
+        return await asyncio.wait_for(_download(client, url, max_bytes, param), timeout_s)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        raise ApiError(
+            400, f"{param}: fetching the image timed out after {timeout_s:g} s", param=param
+        ) from None
+    except httpx.HTTPError as exc:
+        raise ApiError(
+            400, f"{param}: the image could not be fetched: {exc}", param=param
+        ) from None
+
+
+async def _download(client: httpx.AsyncClient, url: str, max_bytes: int, param: str) -> bytes:
+    async with client.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise ApiError(
+                400,
+                f"{param}: fetching the image returned HTTP {response.status_code}",
+                param=param,
+            )
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_bytes:
+            raise _too_big(param, max_bytes)
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > max_bytes:
+                raise _too_big(param, max_bytes)
+        return bytes(body)
+
+
+def check_image(data: bytes, max_pixels: int, param: str) -> ImageHeader:
+    """Reads the image header only: the format must be known and the size within limits."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                header = ImageHeader(image.format or "", image.width, image.height)
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(param, max_pixels, None) from None
+    except UnidentifiedImageError:
+        raise ApiError(
+            400, f"{param}: the data is not an image in a known format", param=param
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ApiError(
+            400, f"{param}: the image header is unreadable: {exc}", param=param
+        ) from None
+    if not header.format:
+        raise ApiError(400, f"{param}: the image format is unknown", param=param)
+    if header.width < 1 or header.height < 1:
+        raise ApiError(
+            400, f"{param}: the image is empty ({header.width}x{header.height})", param=param
+        )
+    if header.width * header.height > max_pixels:
+        raise _too_many_pixels(param, max_pixels, header)
+    return header
+
+
+def _too_big(param: str, max_bytes: int) -> ApiError:
+    return ApiError(
+        400, f"{param}: the image is larger than the limit of {max_bytes} bytes", param=param
+    )
+
+
+def _too_many_pixels(param: str, max_pixels: int, header: ImageHeader | None) -> ApiError:
+    size = f" ({header.width}x{header.height})" if header else ""
+    return ApiError(
+        400,
+        f"{param}: the image{size} has more than the limit of {max_pixels} pixels",
+        param=param,
+    )

@@ -1,0 +1,143 @@
+"""Prometheus metrics of chat completions, on a registry owned by the app (no module globals).
+
+Each request carries a `RequestRecord` that serving fills in (tokens, timings, the backend);
+when the request ends, `GatewayMetrics.finish` observes it once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from dvd.v1 import language_pb2
+
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
+TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+STAGES = ("queue", "preprocess", "encode", "transfer", "prompt", "prefill", "decode")
+"""Stages reported by the language server's StageTimings (`<stage>_ns`)."""
+
+
+@dataclass
+class RequestRecord:
+    """What one request did; logged and observed when it ends."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    status: int | None = None
+    """Set by serving when a streamed response ends in an error after its 200 went out."""
+    model: str = ""
+    backend: str = ""
+    stream: bool = False
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    timings: language_pb2.StageTimings | None = None
+
+    def tokens_arrived(self, count: int) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.completion_tokens += count
+
+    def finished(self, response: language_pb2.GenerateResponse) -> None:
+        """Takes usage and timings from the last message of a Generate stream."""
+        usage = response.usage
+        self.prompt_tokens = usage.prompt_tokens
+        self.image_tokens = usage.image_tokens
+        self.completion_tokens = usage.completion_tokens or self.completion_tokens
+        self.timings = response.timings
+
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def tpot_s(self) -> float | None:
+        if self.first_token_at is None or self.last_token_at is None:
+            return None
+        if self.completion_tokens < 2:
+            return None
+        return (self.last_token_at - self.first_token_at) / (self.completion_tokens - 1)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Stages that took time, in seconds (text-only requests have no vision stages)."""
+        if self.timings is None:
+            return {}
+        found = {stage: getattr(self.timings, f"{stage}_ns") / 1e9 for stage in STAGES}
+        return {stage: seconds for stage, seconds in found.items() if seconds > 0}
+
+
+class GatewayMetrics:
+    """The gateway's metrics, registered on their own CollectorRegistry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "dvd_gateway_requests_total",
+            "Chat completion requests by HTTP status (499: client went away).",
+            ["status"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "dvd_gateway_requests_in_flight", "Chat completion requests being served.", registry=r
+        )
+        self.request_seconds = Histogram(
+            "dvd_gateway_request_seconds",
+            "Time from request arrival to the last byte of the response.",
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "dvd_gateway_ttft_seconds",
+            "Time from request arrival to the first generated token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "dvd_gateway_tpot_seconds",
+            "Mean time per output token after the first, one observation per request.",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "dvd_gateway_stage_seconds",
+            "Per-stage time reported by the language server (StageTimings).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "dvd_gateway_prompt_tokens_total", "Prompt tokens, image tokens included.", registry=r
+        )
+        self.image_tokens = Counter(
+            "dvd_gateway_image_tokens_total", "Prompt tokens that are image features.", registry=r
+        )
+        self.completion_tokens = Counter(
+            "dvd_gateway_completion_tokens_total", "Generated tokens.", registry=r
+        )
+
+    def finish(self, record: RequestRecord, status: int, seconds: float) -> None:
+        """Observes one finished chat completion request."""
+        self.requests.labels(status=str(status)).inc()
+        self.request_seconds.observe(seconds)
+        ttft, tpot = record.ttft_s(), record.tpot_s()
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if tpot is not None:
+            self.tpot.observe(tpot)
+        for stage, stage_s in record.stage_seconds().items():
+            self.stage_seconds.labels(stage=stage).observe(stage_s)
+        self.prompt_tokens.inc(record.prompt_tokens)
+        self.image_tokens.inc(record.image_tokens)
+        self.completion_tokens.inc(record.completion_tokens)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,123 @@
+"""Prompt assembly: chat template, image slots, and the prompt embeddings vLLM receives.
+
+Each image part of a message becomes InternVL's placeholder line; after the tokenizer's
+own chat template is applied, every placeholder expands to `<img>` + `<IMG_CONTEXT>` x n +
+`</img>`, with n the feature rows received for that image. Text is embedded with the
+LLM's own embedding table and the features are written into the `<IMG_CONTEXT>` rows, so
+vLLM sees exactly what the coupled model would compute before its first layer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dvd.checkpoint import CheckpointWeights, InternVLConfig
+from dvd.errors import InvalidInput
+from dvd.v1 import language_pb2
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """The templated prompt as token-id segments between image slots."""
+
+    segments: list[list[int]]  # len = images + 1
+
+    @property
+    def num_images(self) -> int:
+        return len(self.segments) - 1
+
+    @property
+    def text_tokens(self) -> int:
+        return sum(len(segment) for segment in self.segments)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    token_ids: list[int]
+    embeds: torch.Tensor  # [tokens, hidden]
+    image_tokens: int
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, embed_table: torch.Tensor, config: InternVLConfig) -> None:  # type: ignore[no-untyped-def]
+        self.tokenizer = tokenizer
+        self.embed_table = embed_table
+        self.img_start_id = self._token_id(config.img_start_token)
+        self.img_end_id = self._token_id(config.img_end_token)
+        self.img_context_id = self._token_id(config.img_context_token)
+        # A per-process marker that no template rewrites and no user text contains.
+        self._slot = f"<dvd-image-{uuid.uuid4().hex}>"
+
+    @classmethod
+    def from_checkpoint(cls, config: InternVLConfig, tokenizer_dir: Path,
+                        dtype: torch.dtype) -> PromptBuilder:
+        """`tokenizer_dir` is the LLM view (llm_view.py): the tokenizer files beside the LLM's
+        own config.json, so transformers never looks at the VLM config's remote-code map."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+        table = CheckpointWeights(config).embed_tokens().to(dtype)
+        return cls(tokenizer, table, config)
+
+    def _token_id(self, token: str) -> int:
+        ids = self.tokenizer.convert_tokens_to_ids([token])
+        if not ids or ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {token} token")
+        return int(ids[0])
+
+    def render(self, messages: list[language_pb2.ChatMessage]) -> RenderedChat:
+        """Applies the chat template; the result has one slot per image, in order."""
+        if not messages:
+            raise InvalidInput("messages must not be empty")
+        chat = [{"role": self._role(m.role), "content": self._content(m)} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(chat, tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as exc:  # jinja raises on conversations the template rejects
+            raise InvalidInput(f"chat template rejected the conversation: {exc}") from None
+        segments = [self.tokenizer.encode(p, add_special_tokens=False)
+                    for p in text.split(self._slot)]
+        reserved = {self.img_start_id, self.img_end_id, self.img_context_id}
+        if any(token in reserved for segment in segments for token in segment):
+            raise InvalidInput("message text contains a reserved image token "
+                               "(<img>, </img> or <IMG_CONTEXT>); send images as image parts")
+        return RenderedChat(segments)
+
+    def _role(self, role: str) -> str:
+        if role not in ROLES:
+            raise InvalidInput(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        return role
+
+    def _content(self, message: language_pb2.ChatMessage) -> str:
+        parts = []
+        for part in message.content:
+            if part.WhichOneof("kind") == "image":
+                if message.role != "user":
+                    raise InvalidInput(f"images are only allowed in user messages, not {message.role}")
+                parts.append(f"{self._slot}")
+            else:
+                parts.append(part.text)
+        return "\n".join(parts)
+
+    def assemble(self, rendered: RenderedChat, features: list[torch.Tensor]) -> Prompt:
+        """Expands the slots to n rows each and writes the features into them."""
+        if len(features) != rendered.num_images:
+            raise ValueError(f"{rendered.num_images} image slots but {len(features)} images")
+        ids: list[int] = list(rendered.segments[0])
+        for image, segment in zip(features, rendered.segments[1:], strict=True):
+            ids += [self.img_start_id] + [self.img_context_id] * image.shape[0] + [self.img_end_id]
+            ids += segment
+        token_ids = torch.tensor(ids, dtype=torch.long)
+        embeds = F.embedding(token_ids, self.embed_table)
+        if features:
+            slots = token_ids == self.img_context_id
+            embeds[slots] = torch.cat(features).to(embeds.dtype)
+        image_tokens = sum(int(f.shape[0]) + 2 for f in features)
+        return Prompt(ids, embeds, image_tokens)

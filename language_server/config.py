@@ -1,0 +1,53 @@
+"""Configuration of one language server process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("dvd", "coupled")
+
+
+@dataclass(frozen=True)
+class LanguageServerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50061
+    mode: str = "dvd"
+    vision: tuple[str, ...] = field(default=("127.0.0.1:50051",))
+    served_model_name: str | None = None
+    dtype: str = "bfloat16"
+    max_model_len: int = 0  # 0: min(the model's max_position_embeddings, 32768)
+    max_num_seqs: int = 64
+    kv_cache_gib: float = 2.0
+    max_images_per_request: int = 16
+    vision_timeout_s: float = 120.0
+    # Coupled mode only: where and how the in-process ViT runs.
+    vision_device: str = "auto"
+    max_batch_tiles: int = 32
+    max_image_pixels: int = 40_000_000
+    metrics_port: int = 0
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"language server: mode must be one of {MODES}, not {self.mode!r}")
+        if self.mode == "dvd" and not self.vision:
+            raise ValueError("language server: dvd mode needs at least one --vision address")
+        checks = {
+            "port": 0 <= self.port < 65536,
+            "metrics_port": 0 <= self.metrics_port < 65536,
+            "max_model_len": self.max_model_len >= 0,
+            "max_num_seqs": self.max_num_seqs >= 1,
+            "kv_cache_gib": self.kv_cache_gib > 0,
+            "max_images_per_request": self.max_images_per_request >= 1,
+            "vision_timeout_s": self.vision_timeout_s > 0,
+            "max_batch_tiles": self.max_batch_tiles >= 1,
+            "max_image_pixels": self.max_image_pixels >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"language server: invalid {name}={getattr(self, name)!r}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

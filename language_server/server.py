@@ -1,0 +1,85 @@
+"""Builds and runs a language server process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import start_http_server
+
+from dvd.checkpoint import InternVLConfig, load_config
+from dvd.env import cache_dir
+from dvd.features import parse_dtype
+from dvd.grpc_server import bind, new_server, serve_until_signal
+from dvd.v1 import language_pb2_grpc
+from language_server.chat_prompt import PromptBuilder
+from language_server.config import LanguageServerConfig
+from language_server.engine import EngineSettings, LlmEngine
+from language_server.image_features import FeatureSource
+from language_server.llm_view import prepare_llm_view
+from language_server.metrics import LanguageMetrics
+from language_server.service import LanguageService, ServiceLimits
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_CAP = 32768
+
+
+def context_length(config: LanguageServerConfig, checkpoint: InternVLConfig) -> int:
+    model_max = int(checkpoint.llm_config.get("max_position_embeddings", DEFAULT_CONTEXT_CAP))
+    if config.max_model_len == 0:
+        return min(model_max, DEFAULT_CONTEXT_CAP)
+    if config.max_model_len > model_max:
+        raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {model_max}")
+    return config.max_model_len
+
+
+def make_feature_source(config: LanguageServerConfig, checkpoint: InternVLConfig) -> FeatureSource:
+    dtype = parse_dtype(config.dtype)
+    if config.mode == "dvd":
+        from language_server.vision_client import VisionPool
+
+        return VisionPool(list(config.vision), dtype, config.vision_timeout_s)
+    from language_server.coupled import CoupledVision
+    from vision_server.encoder import TilingLimits, VisionEncoder
+
+    encoder = VisionEncoder(checkpoint, config.vision_device, dtype)
+    limits = TilingLimits(checkpoint.min_dynamic_patch, checkpoint.max_dynamic_patch,
+                          checkpoint.use_thumbnail, config.max_image_pixels)
+    return CoupledVision(encoder, limits, config.max_batch_tiles)
+
+
+async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
+    checkpoint = load_config(config.model)
+    max_model_len = context_length(config, checkpoint)
+    view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())
+    engine = LlmEngine.start(EngineSettings(
+        view=view, dtype=config.dtype, max_model_len=max_model_len,
+        max_num_seqs=config.max_num_seqs, kv_cache_bytes=int(config.kv_cache_gib * 2**30)))
+    builder = PromptBuilder.from_checkpoint(checkpoint, view, parse_dtype(config.dtype))
+    vision = make_feature_source(config, checkpoint)
+    metrics = LanguageMetrics()
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+    limits = ServiceLimits(
+        model_name=config.served_model_name or checkpoint.name, max_model_len=max_model_len,
+        max_images_per_request=config.max_images_per_request, mode=config.mode,
+        vision_addresses=config.vision if config.mode == "dvd" else ())
+    service = LanguageService(limits, builder, engine, vision, metrics)
+    server = new_server()
+    language_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
+    bind(server, config.address)
+
+    async def on_stop() -> None:
+        service.ready = False
+        await vision.close()
+        engine.shutdown()
+
+    await serve_until_signal(server, f"language server ({config.mode})", config.address,
+                             grace_s, on_stop)
+
+
+def run(config: LanguageServerConfig) -> int:
+    asyncio.run(serve(config))
+    return 0

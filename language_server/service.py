@@ -1,0 +1,179 @@
+"""The LanguageService gRPC servicer: Generate, Info, Health."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from dvd.errors import DvdError, InvalidInput
+from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from language_server.chat_prompt import Prompt, PromptBuilder
+from language_server.engine import LlmEngine, Sampling
+from language_server.image_features import EncodedImages, FeatureSource
+from language_server.metrics import STAGES, LanguageMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    model_name: str
+    max_model_len: int
+    max_images_per_request: int
+    mode: str
+    vision_addresses: tuple[str, ...]
+
+
+class LanguageService(language_pb2_grpc.LanguageServiceServicer):
+    def __init__(self, limits: ServiceLimits, builder: PromptBuilder, engine: LlmEngine,
+                 vision: FeatureSource, metrics: LanguageMetrics) -> None:
+        self.limits = limits
+        self.builder = builder
+        self.engine = engine
+        self.vision = vision
+        self.metrics = metrics
+        self._ids = itertools.count()
+        self.ready = True
+
+    async def Generate(self, request: language_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[language_pb2.GenerateResponse]:
+        self.metrics.in_flight.inc()
+        status = "ok"
+        try:
+            async for message in self._generate(request):
+                yield message
+        except DvdError as exc:
+            status = exc.code.name.lower()
+            log.info("request %s failed: %s", request.request_id, exc.message)
+            await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            status = "cancelled"
+            log.info("request %s cancelled by the caller", request.request_id)
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(status).inc()
+
+    def _images(self, request: language_pb2.GenerateRequest) -> list[bytes]:
+        images = [part.image for message in request.messages for part in message.content
+                  if part.WhichOneof("kind") == "image"]
+        if len(images) > self.limits.max_images_per_request:
+            raise InvalidInput(f"{len(images)} images in one request; the limit is "
+                               f"{self.limits.max_images_per_request}")
+        return images
+
+    async def _generate(self, request: language_pb2.GenerateRequest) -> AsyncIterator[
+            language_pb2.GenerateResponse]:
+        started = time.monotonic_ns()
+        images = self._images(request)
+        # Features are on their way while the text is templated and tokenised.
+        encoding = (asyncio.create_task(self.vision.encode(request.request_id, images))
+                    if images else None)
+        try:
+            t0 = time.monotonic_ns()
+            rendered = self.builder.render(list(request.messages))
+            render_ns = time.monotonic_ns() - t0
+            encoded = await encoding if encoding is not None else EncodedImages(features=[])
+            t1 = time.monotonic_ns()
+            prompt = self.builder.assemble(rendered, encoded.features)
+            prompt_ns = render_ns + time.monotonic_ns() - t1
+        finally:
+            if encoding is not None and not encoding.done():
+                encoding.cancel()
+        sampling = self._sampling(request.sampling, len(prompt.token_ids))
+        async for message in self._decode(request.request_id, prompt, sampling, encoded,
+                                          prompt_ns, started):
+            yield message
+
+    def _sampling(self, options: language_pb2.SamplingOptions, prompt_len: int) -> Sampling:
+        room = self.limits.max_model_len - prompt_len
+        if room <= 0 or (options.max_tokens and options.max_tokens > room):
+            asked = options.max_tokens or 1
+            raise InvalidInput(
+                f"This model's maximum context length is {self.limits.max_model_len} tokens. "
+                f"The request has {prompt_len} prompt tokens (image tokens included) and asks "
+                f"for {asked} completion tokens.")
+        if options.temperature < 0:
+            raise InvalidInput("temperature must not be negative")
+        if not 0 <= options.top_p <= 1:
+            raise InvalidInput("top_p must be in (0, 1]")
+        return Sampling(max_tokens=options.max_tokens or room, temperature=options.temperature,
+                        top_p=options.top_p or 1.0,
+                        seed=options.seed if options.has_seed else None,
+                        stop=tuple(options.stop), ignore_eos=options.ignore_eos)
+
+    async def _decode(self, request_id: str, prompt: Prompt, sampling: Sampling,
+                      encoded: EncodedImages, prompt_ns: int,
+                      started: int) -> AsyncIterator[language_pb2.GenerateResponse]:
+        engine_id = f"{request_id}-{next(self._ids)}"
+        submitted = time.monotonic_ns()
+        first_token_ns = 0
+        completion_tokens = 0
+        finished = False
+        try:
+            async for delta in self.engine.generate(engine_id, prompt.embeds, sampling):
+                now = time.monotonic_ns()
+                first_token_ns = first_token_ns or now
+                completion_tokens += len(delta.token_ids)
+                if delta.finish_reason is None:
+                    yield language_pb2.GenerateResponse(text=delta.text, token_ids=delta.token_ids)
+                    continue
+                finished = True
+                timings = language_pb2.StageTimings(
+                    queue_ns=encoded.queue_ns, preprocess_ns=encoded.preprocess_ns,
+                    encode_ns=encoded.encode_ns, transfer_ns=encoded.transfer_ns,
+                    prompt_ns=prompt_ns, prefill_ns=first_token_ns - submitted,
+                    decode_ns=now - first_token_ns, total_ns=now - started)
+                usage = language_pb2.Usage(prompt_tokens=len(prompt.token_ids),
+                                           image_tokens=prompt.image_tokens,
+                                           completion_tokens=completion_tokens)
+                self._observe(timings, usage)
+                log.info("request %s: %d prompt (%d image) + %d completion tokens, %s, "
+                         "encode %.1f ms, prefill %.1f ms, total %.1f ms", request_id,
+                         usage.prompt_tokens, usage.image_tokens, completion_tokens,
+                         delta.finish_reason, timings.encode_ns / 1e6,
+                         timings.prefill_ns / 1e6, timings.total_ns / 1e6)
+                yield language_pb2.GenerateResponse(
+                    text=delta.text, token_ids=delta.token_ids,
+                    finish_reason=_finish_reason(delta.finish_reason), usage=usage,
+                    timings=timings)
+        finally:
+            if not finished:
+                await self.engine.abort(engine_id)
+
+    def _observe(self, timings: language_pb2.StageTimings, usage: language_pb2.Usage) -> None:
+        for stage in STAGES:
+            self.metrics.stage.labels(stage).observe(getattr(timings, f"{stage}_ns") / 1e9)
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        self.metrics.image_tokens.inc(usage.image_tokens)
+        self.metrics.completion_tokens.inc(usage.completion_tokens)
+
+    async def Info(self, request: common_pb2.InfoRequest,
+                   context: grpc.aio.ServicerContext) -> language_pb2.LanguageInfo:
+        return language_pb2.LanguageInfo(
+            model=self.limits.model_name, max_model_len=self.limits.max_model_len,
+            mode=self.limits.mode, vision_addresses=list(self.limits.vision_addresses),
+            max_images_per_request=self.limits.max_images_per_request)
+
+    async def Health(self, request: common_pb2.HealthRequest,
+                     context: grpc.aio.ServicerContext) -> common_pb2.HealthResponse:
+        problems = [] if self.ready else ["draining"]
+        if not await self.engine.healthy():
+            problems.append("LLM engine is not healthy")
+        problems += [f"vision server {address} is not serving"
+                     for address, ok in await self.vision.healthy() if not ok]
+        if problems:
+            return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_NOT_SERVING,
+                                             detail="; ".join(problems))
+        return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_SERVING)
+
+
+def _finish_reason(reason: str) -> str:
+    """vLLM says "stop" for EOS and stop strings, "length" for max_tokens; "abort" otherwise."""
+    return reason if reason in ("stop", "length") else "stop"

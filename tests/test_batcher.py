@@ -1,0 +1,105 @@
+"""The tile batcher packs tiles from concurrent requests and returns each its own features."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from vision_server.batcher import EncodedTiles, TileBatcher, TileRun
+
+
+def fake_vit(pixels: torch.Tensor) -> torch.Tensor:
+    """A real (tiny) computation standing in for the ViT: 2 'tokens' per tile."""
+    means = pixels.mean(dim=(1, 2, 3))
+    return torch.stack([means, means * 2], dim=1).unsqueeze(-1)
+
+
+def make_run(request: str, tiles: int, sink: asyncio.Queue, value: float) -> TileRun:
+    pixels = torch.full((tiles, 3, 4, 4), value)
+    pixels += torch.arange(tiles, dtype=torch.float32).view(-1, 1, 1, 1)
+    return TileRun(request, 0, 0, pixels, sink)
+
+
+async def drain(sink: asyncio.Queue, tiles: int) -> list[EncodedTiles]:
+    results: list[EncodedTiles] = []
+    while sum(r.features.shape[0] for r in results) < tiles:
+        item = await asyncio.wait_for(sink.get(), 10)
+        assert not isinstance(item, BaseException)
+        results.append(item)
+    return results
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_features() -> None:
+    async def scenario() -> None:
+        batches: list[int] = []
+
+        def vit(pixels: torch.Tensor) -> torch.Tensor:
+            batches.append(pixels.shape[0])
+            return fake_vit(pixels)
+
+        batcher = TileBatcher(vit, max_batch_tiles=8, max_wait_ms=50)
+        batcher.start()
+        a, b = asyncio.Queue(), asyncio.Queue()
+        batcher.submit(make_run("a", 3, a, 10.0))
+        batcher.submit(make_run("b", 2, b, 100.0))
+        got_a, got_b = await drain(a, 3), await drain(b, 2)
+        await batcher.stop()
+        assert batches == [5]
+        assert torch.equal(got_a[0].features, fake_vit(make_run("a", 3, a, 10.0).pixel_values))
+        assert torch.equal(got_b[0].features, fake_vit(make_run("b", 2, b, 100.0).pixel_values))
+
+    asyncio.run(scenario())
+
+
+def test_a_run_larger_than_a_batch_is_split_in_order() -> None:
+    async def scenario() -> None:
+        batches: list[int] = []
+
+        def vit(pixels: torch.Tensor) -> torch.Tensor:
+            batches.append(pixels.shape[0])
+            return fake_vit(pixels)
+
+        batcher = TileBatcher(vit, max_batch_tiles=4, max_wait_ms=0)
+        batcher.start()
+        sink: asyncio.Queue = asyncio.Queue()
+        run = make_run("a", 10, sink, 1.0)
+        batcher.submit(run)
+        results = await drain(sink, 10)
+        await batcher.stop()
+        assert batches == [4, 4, 2]
+        assert [r.first_tile for r in results] == [0, 4, 8]
+        merged = torch.cat([r.features for r in results])
+        assert torch.equal(merged, fake_vit(run.pixel_values))
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_runs_are_skipped_and_errors_reach_every_request_in_the_batch() -> None:
+    async def scenario() -> None:
+        def broken(pixels: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("out of memory")
+
+        batcher = TileBatcher(broken, max_batch_tiles=8, max_wait_ms=20)
+        a, b, c = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+        skipped = make_run("c", 1, c, 0.0)
+        skipped.cancelled = True
+        batcher.submit(make_run("a", 1, a, 0.0))
+        batcher.submit(skipped)
+        batcher.submit(make_run("b", 1, b, 0.0))
+        batcher.start()
+        for sink in (a, b):
+            error = await asyncio.wait_for(sink.get(), 10)
+            assert isinstance(error, RuntimeError)
+        await batcher.stop()
+        assert c.empty()
+
+    asyncio.run(scenario())
+
+
+def test_bad_limits_are_rejected() -> None:
+    with pytest.raises(ValueError, match="max_batch_tiles"):
+        TileBatcher(fake_vit, max_batch_tiles=0, max_wait_ms=1)
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        TileBatcher(fake_vit, max_batch_tiles=1, max_wait_ms=-1)

@@ -1,0 +1,1 @@
+"""The vision server: images in, InternVL image features out (`dvd vision`)."""

@@ -1,0 +1,152 @@
+"""Packs tiles from concurrent requests into ViT batches.
+
+Requests submit runs of tiles; one worker task takes runs in arrival order until a batch
+holds `max_batch_tiles` tiles or `max_wait_ms` has passed since its first tile arrived,
+splitting a run that does not fit. The ViT runs on a single dedicated thread, so the event
+loop keeps streaming the previous batch's features while the next batch encodes.
+Results go back to each request's own queue as soon as its batch is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TileRun:
+    """Consecutive tiles of one image of one request."""
+
+    request_id: str
+    image_index: int
+    first_tile: int
+    pixel_values: torch.Tensor  # [tiles, 3, S, S]
+    sink: asyncio.Queue[EncodedTiles | BaseException]
+    enqueued_ns: int = field(default_factory=time.monotonic_ns)
+    cancelled: bool = False
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+    def split(self, tiles: int) -> tuple[TileRun, TileRun]:
+        head = TileRun(self.request_id, self.image_index, self.first_tile,
+                       self.pixel_values[:tiles], self.sink, self.enqueued_ns)
+        tail = TileRun(self.request_id, self.image_index, self.first_tile + tiles,
+                       self.pixel_values[tiles:], self.sink, self.enqueued_ns)
+        return head, tail
+
+
+@dataclass(frozen=True)
+class EncodedTiles:
+    """Features of a run of tiles, with how long they queued and encoded."""
+
+    image_index: int
+    first_tile: int
+    features: torch.Tensor  # [tiles, tokens, hidden]
+    queue_ns: int
+    encode_ns: int
+    batch_tiles: int
+
+
+class TileBatcher:
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_batch_tiles: int,
+                 max_wait_ms: float) -> None:
+        if max_batch_tiles < 1:
+            raise ValueError("max_batch_tiles must be at least 1")
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must not be negative")
+        self._encode = encode
+        self.max_batch_tiles = max_batch_tiles
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._pending: deque[TileRun] = deque()
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit")
+        self._task: asyncio.Task[None] | None = None
+        self.batches_run = 0
+        self.tiles_encoded = 0
+        self.busy_ns = 0
+
+    @property
+    def queued_tiles(self) -> int:
+        return sum(run.num_tiles for run in self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="tile-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for run in self._pending:
+            run.sink.put_nowait(asyncio.CancelledError("vision server is stopping"))
+        self._pending.clear()
+
+    def submit(self, run: TileRun) -> None:
+        self._pending.append(run)
+        self._arrived.set()
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            if batch:
+                await self._run(batch)
+
+    async def _collect(self) -> list[TileRun]:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = time.monotonic() + self.max_wait_s
+        while self.queued_tiles < self.max_batch_tiles and time.monotonic() < deadline:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        return self._take(self.max_batch_tiles)
+
+    def _take(self, capacity: int) -> list[TileRun]:
+        batch: list[TileRun] = []
+        while self._pending and capacity > 0:
+            run = self._pending.popleft()
+            if run.cancelled:
+                continue
+            if run.num_tiles > capacity:
+                run, rest = run.split(capacity)
+                self._pending.appendleft(rest)
+            batch.append(run)
+            capacity -= run.num_tiles
+        return batch
+
+    async def _run(self, batch: list[TileRun]) -> None:
+        pixels = torch.cat([run.pixel_values for run in batch])
+        started = time.monotonic_ns()
+        try:
+            features = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._encode, pixels)
+        except Exception as exc:  # delivered to every request in the batch
+            log.exception("ViT batch of %d tiles failed", pixels.shape[0])
+            for run in batch:
+                run.sink.put_nowait(exc)
+            return
+        encode_ns = time.monotonic_ns() - started
+        self.batches_run += 1
+        self.tiles_encoded += int(pixels.shape[0])
+        self.busy_ns += encode_ns
+        offset = 0
+        for run in batch:
+            part = features[offset : offset + run.num_tiles]
+            offset += run.num_tiles
+            run.sink.put_nowait(EncodedTiles(run.image_index, run.first_tile, part,
+                                             started - run.enqueued_ns, encode_ns,
+                                             int(pixels.shape[0])))

@@ -1,0 +1,41 @@
+"""Configuration of one vision server process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VisionServerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    max_batch_tiles: int = 32
+    max_wait_ms: float = 5.0
+    max_images_per_request: int = 16
+    max_image_pixels: int = 40_000_000
+    max_tiles: int = 0  # 0: the checkpoint's max_dynamic_patch
+    metrics_port: int = 0  # 0: no metrics endpoint
+    transport: str = "grpc"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "port": 0 <= self.port < 65536,
+            "metrics_port": 0 <= self.metrics_port < 65536,
+            "max_batch_tiles": self.max_batch_tiles >= 1,
+            "max_wait_ms": self.max_wait_ms >= 0,
+            "max_images_per_request": self.max_images_per_request >= 1,
+            "max_image_pixels": self.max_image_pixels >= 1,
+            "max_tiles": self.max_tiles >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"vision server: invalid {name}={getattr(self, name)!r}")
+        if self.transport != "grpc":
+            raise ValueError(f"vision server: unknown transport {self.transport!r} (grpc)")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

@@ -1,0 +1,48 @@
+"""Builds and runs a vision server process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+from prometheus_client import start_http_server
+
+from dvd.checkpoint import load_config
+from dvd.features import parse_dtype
+from dvd.grpc_server import bind, new_server, serve_until_signal
+from dvd.v1 import vision_pb2_grpc
+from vision_server.batcher import TileBatcher
+from vision_server.config import VisionServerConfig
+from vision_server.encoder import VisionEncoder
+from vision_server.metrics import VisionMetrics
+from vision_server.service import VisionService
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
+    checkpoint = load_config(config.model)
+    encoder = VisionEncoder(checkpoint, config.device, parse_dtype(config.dtype))
+    metrics = VisionMetrics()
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+    batcher = TileBatcher(encoder.encode, config.max_batch_tiles, config.max_wait_ms)
+    batcher.start()
+    service = VisionService(config, encoder, batcher, metrics)
+    server = new_server()
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
+    bind(server, config.address)
+
+    async def on_stop() -> None:
+        service.ready = False
+        await batcher.stop()
+        service.close()
+
+    await serve_until_signal(server, "vision server", config.address, grace_s, on_stop)
+
+
+def run(config: VisionServerConfig) -> int:
+    torch.set_grad_enabled(False)
+    asyncio.run(serve(config))
+    return 0
