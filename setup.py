@@ -17,8 +17,14 @@ def generate_stubs() -> None:
     from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
-    args = ["protoc", f"-I{ROOT / 'proto'}", f"--python_out={ROOT}", f"--pyi_out={ROOT}",
-            f"--grpc_python_out={ROOT}", *protos]
+    args = [
+        "protoc",
+        f"-I{ROOT / 'proto'}",
+        f"--python_out={ROOT}",
+        f"--pyi_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + " ".join(protos))
     (ROOT / "dvd" / "v1" / "__init__.py").write_text('"""Generated gRPC stubs (do not edit)."""\n')

@@ -22,9 +22,19 @@ _TORCH_DTYPES: dict[int, torch.dtype] = {
     common_pb2.DTYPE_FP16: torch.float16,
     common_pb2.DTYPE_FP32: torch.float32,
 }
-_WIRE_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
-_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+_WIRE_DTYPES: dict[torch.dtype, common_pb2.DType] = {
+    torch.bfloat16: common_pb2.DTYPE_BF16,
+    torch.float16: common_pb2.DTYPE_FP16,
+    torch.float32: common_pb2.DTYPE_FP32,
+}
+_NAMES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 def torch_dtype(wire_dtype: int) -> torch.dtype:
@@ -37,7 +47,7 @@ def torch_dtype(wire_dtype: int) -> torch.dtype:
         raise ValueError(f"unknown feature dtype {wire_dtype}") from None
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> common_pb2.DType:
     try:
         return _WIRE_DTYPES[dtype]
     except KeyError:
@@ -100,7 +110,9 @@ class FeatureAssembler:
             raise ValueError(f"chunk dtype {descriptor.dtype} differs from {self.tensor.dtype}")
         rows = descriptor.shape[0]
         if row_offset < 0 or row_offset + rows > rows_total:
-            raise ValueError(f"chunk rows {row_offset}..{row_offset + rows} outside 0..{rows_total}")
+            raise ValueError(
+                f"chunk rows {row_offset}..{row_offset + rows} outside 0..{rows_total}"
+            )
         if len(data) != rows * hidden * self.tensor.element_size():
             raise ValueError(f"chunk has {len(data)} bytes, descriptor says {rows}x{hidden}")
         # One copy: numpy views the destination rows as bytes and reads `data` in place.

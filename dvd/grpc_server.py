@@ -29,8 +29,13 @@ def bind(server: grpc.aio.Server, address: str) -> int:
     return port
 
 
-async def serve_until_signal(server: grpc.aio.Server, name: str, address: str, grace_s: float,
-                             on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+async def serve_until_signal(
+    server: grpc.aio.Server,
+    name: str,
+    address: str,
+    grace_s: float,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Starts `server`, waits for SIGTERM/SIGINT, stops taking calls and drains for grace_s."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

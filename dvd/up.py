@@ -35,15 +35,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "gateway as three processes and supervises them. Without --model it serves a tiny "
         "random-weight checkpoint created once in the cache folder (DVD_CACHE_DIR).",
     )
-    add_flag(parser, COMMAND, "--model", None,
-             "checkpoint folder; default: a tiny random-weight checkpoint")
+    add_flag(
+        parser,
+        COMMAND,
+        "--model",
+        None,
+        "checkpoint folder; default: a tiny random-weight checkpoint",
+    )
     add_flag(parser, COMMAND, "--host", "127.0.0.1", "gateway address")
     add_flag(parser, COMMAND, "--port", 8000, "gateway HTTP port")
     add_flag(parser, COMMAND, "--vision-port", 50051, "vision server gRPC port (on 127.0.0.1)")
-    add_flag(parser, COMMAND, "--language-port", 50061,
-             "language server gRPC port (on 127.0.0.1)")
-    add_flag(parser, COMMAND, "--coupled", False,
-             "run the vision model inside the language server (the baseline), no vision server")
+    add_flag(parser, COMMAND, "--language-port", 50061, "language server gRPC port (on 127.0.0.1)")
+    add_flag(
+        parser,
+        COMMAND,
+        "--coupled",
+        False,
+        "run the vision model inside the language server (the baseline), no vision server",
+    )
     add_flag(parser, COMMAND, "--dtype", "bfloat16", "model dtype: bfloat16 or float32")
     add_flag(parser, COMMAND, "--max-model-len", 0, "context length; 0: the model's, capped")
     add_flag(parser, COMMAND, "--kv-cache-gib", 2.0, "KV cache size in GiB")
@@ -67,8 +76,11 @@ def default_checkpoint() -> Path:
     if not (path / "config.json").exists():
         log.info("creating the default %s checkpoint in %s", DEFAULT_PRESET, path)
         make_checkpoint(path, preset=DEFAULT_PRESET)
-    log.warning("serving %s: its weights are RANDOM, so its answers are gibberish. "
-                "Use --model PATH to serve a real InternVL3.5 checkpoint.", path)
+    log.warning(
+        "serving %s: its weights are RANDOM, so its answers are gibberish. "
+        "Use --model PATH to serve a real InternVL3.5 checkpoint.",
+        path,
+    )
     return path
 
 
@@ -76,17 +88,35 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
     dvd = [sys.executable, "-m", "dvd"]
     common = ["--model", str(model), "--dtype", args.dtype, "--log-level", args.log_level]
     vision_addr = f"127.0.0.1:{args.vision_port}"
-    language = [*dvd, "language", *common, "--port", str(args.language_port),
-                "--max-model-len", str(args.max_model_len),
-                "--kv-cache-gib", str(args.kv_cache_gib)]
+    language = [
+        *dvd,
+        "language",
+        *common,
+        "--port",
+        str(args.language_port),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--kv-cache-gib",
+        str(args.kv_cache_gib),
+    ]
     if args.served_model_name:
         language += ["--served-model-name", args.served_model_name]
     if args.coupled:
         language += ["--mode", "coupled"]
     else:
         language += ["--mode", "dvd", "--vision", vision_addr]
-    gateway = [*dvd, "gateway", "--host", args.host, "--port", str(args.port),
-               "--language", f"127.0.0.1:{args.language_port}", "--log-level", args.log_level]
+    gateway = [
+        *dvd,
+        "gateway",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--language",
+        f"127.0.0.1:{args.language_port}",
+        "--log-level",
+        args.log_level,
+    ]
     procs = [("language", language), ("gateway", gateway)]
     if not args.coupled:
         procs.insert(0, ("vision", [*dvd, "vision", *common, "--port", str(args.vision_port)]))
@@ -140,8 +170,9 @@ def supervise(children: list[Child], ready_url: str, ready_timeout_s: float) -> 
     while True:
         dead = first_dead(children)
         if dead is not None:
-            log.error("%s exited with code %s; stopping the others", dead.name,
-                      dead.process.returncode)
+            log.error(
+                "%s exited with code %s; stopping the others", dead.name, dead.process.returncode
+            )
             return 1
         if not announced:
             if gateway_ready(ready_url):
@@ -179,4 +210,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop_all(children)
     return code if not stopping else 0
-

@@ -56,8 +56,9 @@ class PromptBuilder:
         self._slot = f"<dvd-image-{uuid.uuid4().hex}>"
 
     @classmethod
-    def from_checkpoint(cls, config: InternVLConfig, tokenizer_dir: Path,
-                        dtype: torch.dtype) -> PromptBuilder:
+    def from_checkpoint(
+        cls, config: InternVLConfig, tokenizer_dir: Path, dtype: torch.dtype
+    ) -> PromptBuilder:
         """`tokenizer_dir` is the LLM view (llm_view.py): the tokenizer files beside the LLM's
         own config.json, so transformers never looks at the VLM config's remote-code map."""
         from transformers import AutoTokenizer
@@ -78,16 +79,20 @@ class PromptBuilder:
             raise InvalidInput("messages must not be empty")
         chat = [{"role": self._role(m.role), "content": self._content(m)} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(chat, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=True
+            )
         except Exception as exc:  # jinja raises on conversations the template rejects
             raise InvalidInput(f"chat template rejected the conversation: {exc}") from None
-        segments = [self.tokenizer.encode(p, add_special_tokens=False)
-                    for p in text.split(self._slot)]
+        segments = [
+            self.tokenizer.encode(p, add_special_tokens=False) for p in text.split(self._slot)
+        ]
         reserved = {self.img_start_id, self.img_end_id, self.img_context_id}
         if any(token in reserved for segment in segments for token in segment):
-            raise InvalidInput("message text contains a reserved image token "
-                               "(<img>, </img> or <IMG_CONTEXT>); send images as image parts")
+            raise InvalidInput(
+                "message text contains a reserved image token "
+                "(<img>, </img> or <IMG_CONTEXT>); send images as image parts"
+            )
         return RenderedChat(segments)
 
     def _role(self, role: str) -> str:
@@ -100,7 +105,9 @@ class PromptBuilder:
         for part in message.content:
             if part.WhichOneof("kind") == "image":
                 if message.role != "user":
-                    raise InvalidInput(f"images are only allowed in user messages, not {message.role}")
+                    raise InvalidInput(
+                        f"images are only allowed in user messages, not {message.role}"
+                    )
                 parts.append(f"{self._slot}")
             else:
                 parts.append(part.text)

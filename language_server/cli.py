@@ -20,23 +20,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, COMMAND, "--model", None, "checkpoint folder (original or -HF layout)")
     add_flag(parser, COMMAND, "--host", "127.0.0.1", "address to listen on")
     add_flag(parser, COMMAND, "--port", 50061, "gRPC port")
-    add_flag(parser, COMMAND, "--mode", "dvd",
-             "dvd: features from vision servers; coupled: vision model in this process")
-    add_flag(parser, COMMAND, "--vision", "127.0.0.1:50051",
-             "vision server address(es), comma-separated (dvd mode)")
-    add_flag(parser, COMMAND, "--served-model-name", None,
-             "model name clients use; defaults to the checkpoint folder's name")
+    add_flag(
+        parser,
+        COMMAND,
+        "--mode",
+        "dvd",
+        "dvd: features from vision servers; coupled: vision model in this process",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision",
+        "127.0.0.1:50051",
+        "vision server address(es), comma-separated (dvd mode)",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--served-model-name",
+        None,
+        "model name clients use; defaults to the checkpoint folder's name",
+    )
     add_flag(parser, COMMAND, "--dtype", "bfloat16", "LLM and feature dtype: bfloat16 or float32")
-    add_flag(parser, COMMAND, "--max-model-len", 0,
-             "context length in tokens; 0 means min(max_position_embeddings, 32768)")
+    add_flag(
+        parser,
+        COMMAND,
+        "--max-model-len",
+        0,
+        "context length in tokens; 0 means min(max_position_embeddings, 32768)",
+    )
     add_flag(parser, COMMAND, "--max-num-seqs", 64, "most sequences vLLM batches at once")
     add_flag(parser, COMMAND, "--kv-cache-gib", 2.0, "KV cache size in GiB")
     add_flag(parser, COMMAND, "--max-images-per-request", 16, "images allowed in one request")
     add_flag(parser, COMMAND, "--vision-timeout-s", 120.0, "deadline of one Encode call")
     add_flag(parser, COMMAND, "--vision-device", "auto", "coupled mode: torch device of the ViT")
     add_flag(parser, COMMAND, "--max-batch-tiles", 32, "coupled mode: most tiles in one ViT batch")
-    add_flag(parser, COMMAND, "--max-image-pixels", 40_000_000,
-             "coupled mode: largest image, in pixels")
+    add_flag(
+        parser, COMMAND, "--max-image-pixels", 40_000_000, "coupled mode: largest image, in pixels"
+    )
     add_flag(parser, COMMAND, "--metrics-port", 0, "Prometheus /metrics port; 0 disables it")
     add_flag(parser, COMMAND, "--log-level", "info", "logging level")
     parser.set_defaults(func=run)
@@ -51,12 +72,21 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("dvd language: --model (or DVD_LANGUAGE_MODEL) is required")
     setup_logging(args.log_level)
     config = LanguageServerConfig(
-        model=args.model, host=args.host, port=args.port, mode=args.mode,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        mode=args.mode,
         vision=tuple(a.strip() for a in args.vision.split(",") if a.strip()),
-        served_model_name=args.served_model_name, dtype=args.dtype,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        kv_cache_gib=args.kv_cache_gib, max_images_per_request=args.max_images_per_request,
-        vision_timeout_s=args.vision_timeout_s, vision_device=args.vision_device,
-        max_batch_tiles=args.max_batch_tiles, max_image_pixels=args.max_image_pixels,
-        metrics_port=args.metrics_port)
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_gib=args.kv_cache_gib,
+        max_images_per_request=args.max_images_per_request,
+        vision_timeout_s=args.vision_timeout_s,
+        vision_device=args.vision_device,
+        max_batch_tiles=args.max_batch_tiles,
+        max_image_pixels=args.max_image_pixels,
+        metrics_port=args.metrics_port,
+    )
     return run_server(config)

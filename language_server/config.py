@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 MODES = ("dvd", "coupled")
 
+DTYPES = ("bfloat16", "float16", "float32")
+
 
 @dataclass(frozen=True)
 class LanguageServerConfig:
@@ -44,6 +46,8 @@ class LanguageServerConfig:
             "max_batch_tiles": self.max_batch_tiles >= 1,
             "max_image_pixels": self.max_image_pixels >= 1,
         }
+        if self.dtype not in DTYPES:
+            raise ValueError(f"language server: dtype must be one of {DTYPES}, not {self.dtype!r}")
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"language server: invalid {name}={getattr(self, name)!r}")

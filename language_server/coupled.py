@@ -32,8 +32,10 @@ class CoupledVision:
             t0 = time.monotonic_ns()
             tiled = self.encoder.preprocess(data, self.limits)
             t1 = time.monotonic_ns()
-            parts = [self.encoder.encode(batch)
-                     for batch in tiled.pixel_values.split(self.max_batch_tiles)]
+            parts = [
+                self.encoder.encode(batch)
+                for batch in tiled.pixel_values.split(self.max_batch_tiles)
+            ]
             features = torch.cat(parts)
             result.features.append(features.reshape(-1, features.shape[-1]))
             result.preprocess_ns += t1 - t0

@@ -61,7 +61,7 @@ class LlmEngine:
         args = AsyncEngineArgs(
             model=str(settings.view),
             load_format=LOAD_FORMAT,
-            dtype=settings.dtype,
+            dtype=settings.dtype,  # type: ignore[arg-type]  # checked by parse_dtype
             enforce_eager=settings.enforce_eager,
             enable_prompt_embeds=True,
             max_model_len=settings.max_model_len,
@@ -70,27 +70,41 @@ class LlmEngine:
             seed=settings.seed,
             disable_log_stats=True,
         )
-        log.info("starting vLLM on %s (max_model_len %d, KV cache %.0f MiB)", settings.view,
-                 settings.max_model_len, settings.kv_cache_bytes / 2**20)
+        log.info(
+            "starting vLLM on %s (max_model_len %d, KV cache %.0f MiB)",
+            settings.view,
+            settings.max_model_len,
+            settings.kv_cache_bytes / 2**20,
+        )
         return cls(AsyncLLM.from_engine_args(args))
 
     def shutdown(self) -> None:
         self._engine.shutdown()
 
-    async def generate(self, request_id: str, prompt_embeds: torch.Tensor,
-                       sampling: Sampling) -> AsyncIterator[TokenDelta]:
+    async def generate(
+        self, request_id: str, prompt_embeds: torch.Tensor, sampling: Sampling
+    ) -> AsyncIterator[TokenDelta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
-            max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=sampling.seed, stop=list(sampling.stop) or None,
-            ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA)
-        async for output in self._engine.generate({"prompt_embeds": prompt_embeds}, params,
-                                                  request_id=request_id):
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            ignore_eos=sampling.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        async for output in self._engine.generate(
+            {"prompt_embeds": prompt_embeds}, params, request_id=request_id
+        ):
             completion = output.outputs[0]
-            yield TokenDelta(completion.text, list(completion.token_ids),
-                             completion.finish_reason if output.finished else None)
+            yield TokenDelta(
+                completion.text,
+                list(completion.token_ids),
+                completion.finish_reason if output.finished else None,
+            )
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)

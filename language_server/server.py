@@ -30,8 +30,10 @@ def context_length(config: LanguageServerConfig, checkpoint: InternVLConfig) -> 
     if config.max_model_len == 0:
         return min(model_max, DEFAULT_CONTEXT_CAP)
     if config.max_model_len > model_max:
-        raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
-                         f"max_position_embeddings {model_max}")
+        raise ValueError(
+            f"--max-model-len {config.max_model_len} exceeds the model's "
+            f"max_position_embeddings {model_max}"
+        )
     return config.max_model_len
 
 
@@ -45,8 +47,12 @@ def make_feature_source(config: LanguageServerConfig, checkpoint: InternVLConfig
     from vision_server.encoder import TilingLimits, VisionEncoder
 
     encoder = VisionEncoder(checkpoint, config.vision_device, dtype)
-    limits = TilingLimits(checkpoint.min_dynamic_patch, checkpoint.max_dynamic_patch,
-                          checkpoint.use_thumbnail, config.max_image_pixels)
+    limits = TilingLimits(
+        checkpoint.min_dynamic_patch,
+        checkpoint.max_dynamic_patch,
+        checkpoint.use_thumbnail,
+        config.max_image_pixels,
+    )
     return CoupledVision(encoder, limits, config.max_batch_tiles)
 
 
@@ -54,18 +60,27 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
     checkpoint = load_config(config.model)
     max_model_len = context_length(config, checkpoint)
     view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())
-    engine = LlmEngine.start(EngineSettings(
-        view=view, dtype=config.dtype, max_model_len=max_model_len,
-        max_num_seqs=config.max_num_seqs, kv_cache_bytes=int(config.kv_cache_gib * 2**30)))
+    engine = LlmEngine.start(
+        EngineSettings(
+            view=view,
+            dtype=config.dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            kv_cache_bytes=int(config.kv_cache_gib * 2**30),
+        )
+    )
     builder = PromptBuilder.from_checkpoint(checkpoint, view, parse_dtype(config.dtype))
     vision = make_feature_source(config, checkpoint)
     metrics = LanguageMetrics()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     limits = ServiceLimits(
-        model_name=config.served_model_name or checkpoint.name, max_model_len=max_model_len,
-        max_images_per_request=config.max_images_per_request, mode=config.mode,
-        vision_addresses=config.vision if config.mode == "dvd" else ())
+        model_name=config.served_model_name or checkpoint.name,
+        max_model_len=max_model_len,
+        max_images_per_request=config.max_images_per_request,
+        mode=config.mode,
+        vision_addresses=config.vision if config.mode == "dvd" else (),
+    )
     service = LanguageService(limits, builder, engine, vision, metrics)
     server = new_server()
     language_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
@@ -76,8 +91,9 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
         await vision.close()
         engine.shutdown()
 
-    await serve_until_signal(server, f"language server ({config.mode})", config.address,
-                             grace_s, on_stop)
+    await serve_until_signal(
+        server, f"language server ({config.mode})", config.address, grace_s, on_stop
+    )
 
 
 def run(config: LanguageServerConfig) -> int:

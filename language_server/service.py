@@ -31,8 +31,14 @@ class ServiceLimits:
 
 
 class LanguageService(language_pb2_grpc.LanguageServiceServicer):
-    def __init__(self, limits: ServiceLimits, builder: PromptBuilder, engine: LlmEngine,
-                 vision: FeatureSource, metrics: LanguageMetrics) -> None:
+    def __init__(
+        self,
+        limits: ServiceLimits,
+        builder: PromptBuilder,
+        engine: LlmEngine,
+        vision: FeatureSource,
+        metrics: LanguageMetrics,
+    ) -> None:
         self.limits = limits
         self.builder = builder
         self.engine = engine
@@ -41,8 +47,9 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
         self._ids = itertools.count()
         self.ready = True
 
-    async def Generate(self, request: language_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[language_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: language_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[language_pb2.GenerateResponse]:
         self.metrics.in_flight.inc()
         status = "ok"
         try:
@@ -61,20 +68,28 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             self.metrics.requests.labels(status).inc()
 
     def _images(self, request: language_pb2.GenerateRequest) -> list[bytes]:
-        images = [part.image for message in request.messages for part in message.content
-                  if part.WhichOneof("kind") == "image"]
+        images = [
+            part.image
+            for message in request.messages
+            for part in message.content
+            if part.WhichOneof("kind") == "image"
+        ]
         if len(images) > self.limits.max_images_per_request:
-            raise InvalidInput(f"{len(images)} images in one request; the limit is "
-                               f"{self.limits.max_images_per_request}")
+            raise InvalidInput(
+                f"{len(images)} images in one request; the limit is "
+                f"{self.limits.max_images_per_request}"
+            )
         return images
 
-    async def _generate(self, request: language_pb2.GenerateRequest) -> AsyncIterator[
-            language_pb2.GenerateResponse]:
+    async def _generate(
+        self, request: language_pb2.GenerateRequest
+    ) -> AsyncIterator[language_pb2.GenerateResponse]:
         started = time.monotonic_ns()
         images = self._images(request)
         # Features are on their way while the text is templated and tokenised.
-        encoding = (asyncio.create_task(self.vision.encode(request.request_id, images))
-                    if images else None)
+        encoding = (
+            asyncio.create_task(self.vision.encode(request.request_id, images)) if images else None
+        )
         try:
             t0 = time.monotonic_ns()
             rendered = self.builder.render(list(request.messages))
@@ -87,8 +102,9 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             if encoding is not None and not encoding.done():
                 encoding.cancel()
         sampling = self._sampling(request.sampling, len(prompt.token_ids))
-        async for message in self._decode(request.request_id, prompt, sampling, encoded,
-                                          prompt_ns, started):
+        async for message in self._decode(
+            request.request_id, prompt, sampling, encoded, prompt_ns, started
+        ):
             yield message
 
     def _sampling(self, options: language_pb2.SamplingOptions, prompt_len: int) -> Sampling:
@@ -98,19 +114,30 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             raise InvalidInput(
                 f"This model's maximum context length is {self.limits.max_model_len} tokens. "
                 f"The request has {prompt_len} prompt tokens (image tokens included) and asks "
-                f"for {asked} completion tokens.")
+                f"for {asked} completion tokens."
+            )
         if options.temperature < 0:
             raise InvalidInput("temperature must not be negative")
         if not 0 <= options.top_p <= 1:
             raise InvalidInput("top_p must be in (0, 1]")
-        return Sampling(max_tokens=options.max_tokens or room, temperature=options.temperature,
-                        top_p=options.top_p or 1.0,
-                        seed=options.seed if options.has_seed else None,
-                        stop=tuple(options.stop), ignore_eos=options.ignore_eos)
+        return Sampling(
+            max_tokens=options.max_tokens or room,
+            temperature=options.temperature,
+            top_p=options.top_p or 1.0,
+            seed=options.seed if options.has_seed else None,
+            stop=tuple(options.stop),
+            ignore_eos=options.ignore_eos,
+        )
 
-    async def _decode(self, request_id: str, prompt: Prompt, sampling: Sampling,
-                      encoded: EncodedImages, prompt_ns: int,
-                      started: int) -> AsyncIterator[language_pb2.GenerateResponse]:
+    async def _decode(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        sampling: Sampling,
+        encoded: EncodedImages,
+        prompt_ns: int,
+        started: int,
+    ) -> AsyncIterator[language_pb2.GenerateResponse]:
         engine_id = f"{request_id}-{next(self._ids)}"
         submitted = time.monotonic_ns()
         first_token_ns = 0
@@ -126,23 +153,40 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
                     continue
                 finished = True
                 timings = language_pb2.StageTimings(
-                    queue_ns=encoded.queue_ns, preprocess_ns=encoded.preprocess_ns,
-                    encode_ns=encoded.encode_ns, transfer_ns=encoded.transfer_ns,
-                    prompt_ns=prompt_ns, prefill_ns=first_token_ns - submitted,
-                    decode_ns=now - first_token_ns, total_ns=now - started)
-                usage = language_pb2.Usage(prompt_tokens=len(prompt.token_ids),
-                                           image_tokens=prompt.image_tokens,
-                                           completion_tokens=completion_tokens)
+                    queue_ns=encoded.queue_ns,
+                    preprocess_ns=encoded.preprocess_ns,
+                    encode_ns=encoded.encode_ns,
+                    transfer_ns=encoded.transfer_ns,
+                    prompt_ns=prompt_ns,
+                    prefill_ns=first_token_ns - submitted,
+                    decode_ns=now - first_token_ns,
+                    total_ns=now - started,
+                )
+                usage = language_pb2.Usage(
+                    prompt_tokens=len(prompt.token_ids),
+                    image_tokens=prompt.image_tokens,
+                    completion_tokens=completion_tokens,
+                )
                 self._observe(timings, usage)
-                log.info("request %s: %d prompt (%d image) + %d completion tokens, %s, "
-                         "encode %.1f ms, prefill %.1f ms, total %.1f ms", request_id,
-                         usage.prompt_tokens, usage.image_tokens, completion_tokens,
-                         delta.finish_reason, timings.encode_ns / 1e6,
-                         timings.prefill_ns / 1e6, timings.total_ns / 1e6)
+                log.info(
+                    "request %s: %d prompt (%d image) + %d completion tokens, %s, "
+                    "encode %.1f ms, prefill %.1f ms, total %.1f ms",
+                    request_id,
+                    usage.prompt_tokens,
+                    usage.image_tokens,
+                    completion_tokens,
+                    delta.finish_reason,
+                    timings.encode_ns / 1e6,
+                    timings.prefill_ns / 1e6,
+                    timings.total_ns / 1e6,
+                )
                 yield language_pb2.GenerateResponse(
-                    text=delta.text, token_ids=delta.token_ids,
-                    finish_reason=_finish_reason(delta.finish_reason), usage=usage,
-                    timings=timings)
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    finish_reason=_finish_reason(delta.finish_reason),
+                    usage=usage,
+                    timings=timings,
+                )
         finally:
             if not finished:
                 await self.engine.abort(engine_id)
@@ -154,23 +198,32 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
         self.metrics.image_tokens.inc(usage.image_tokens)
         self.metrics.completion_tokens.inc(usage.completion_tokens)
 
-    async def Info(self, request: common_pb2.InfoRequest,
-                   context: grpc.aio.ServicerContext) -> language_pb2.LanguageInfo:
+    async def Info(
+        self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> language_pb2.LanguageInfo:
         return language_pb2.LanguageInfo(
-            model=self.limits.model_name, max_model_len=self.limits.max_model_len,
-            mode=self.limits.mode, vision_addresses=list(self.limits.vision_addresses),
-            max_images_per_request=self.limits.max_images_per_request)
+            model=self.limits.model_name,
+            max_model_len=self.limits.max_model_len,
+            mode=self.limits.mode,
+            vision_addresses=list(self.limits.vision_addresses),
+            max_images_per_request=self.limits.max_images_per_request,
+        )
 
-    async def Health(self, request: common_pb2.HealthRequest,
-                     context: grpc.aio.ServicerContext) -> common_pb2.HealthResponse:
+    async def Health(
+        self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.HealthResponse:
         problems = [] if self.ready else ["draining"]
         if not await self.engine.healthy():
             problems.append("LLM engine is not healthy")
-        problems += [f"vision server {address} is not serving"
-                     for address, ok in await self.vision.healthy() if not ok]
+        problems += [
+            f"vision server {address} is not serving"
+            for address, ok in await self.vision.healthy()
+            if not ok
+        ]
         if problems:
-            return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_NOT_SERVING,
-                                             detail="; ".join(problems))
+            return common_pb2.HealthResponse(
+                status=common_pb2.HealthResponse.STATUS_NOT_SERVING, detail="; ".join(problems)
+            )
         return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_SERVING)
 
 

@@ -48,8 +48,10 @@ class VisionPool:
 
     async def encode(self, request_id: str, images: list[bytes]) -> EncodedImages:
         request = vision_pb2.EncodeRequest(
-            request_id=request_id, images=[vision_pb2.ImageInput(data=d) for d in images],
-            feature_dtype=wire_dtype(self.dtype))
+            request_id=request_id,
+            images=[vision_pb2.ImageInput(data=d) for d in images],
+            feature_dtype=wire_dtype(self.dtype),
+        )
         server = self._pick()
         try:
             return await self._encode_on(server, request)
@@ -57,14 +59,20 @@ class VisionPool:
             other = self._pick(exclude=server)
             if other is server:
                 raise Unavailable(f"vision server {server.address} is unavailable") from None
-            log.warning("request %s: vision server %s unavailable, retrying on %s",
-                        request_id, server.address, other.address)
+            log.warning(
+                "request %s: vision server %s unavailable, retrying on %s",
+                request_id,
+                server.address,
+                other.address,
+            )
             try:
                 return await self._encode_on(other, request)
             except _RetryableError:
                 raise Unavailable("no vision server is available") from None
 
-    async def _encode_on(self, server: VisionServer, request: vision_pb2.EncodeRequest) -> EncodedImages:
+    async def _encode_on(
+        self, server: VisionServer, request: vision_pb2.EncodeRequest
+    ) -> EncodedImages:
         count = len(request.images)
         server.images_in_flight += count
         call = server.stub.Encode(request, timeout=self.timeout_s)
@@ -79,8 +87,9 @@ class VisionPool:
             server.images_in_flight -= count
             call.cancel()  # no-op when finished; stops the encode when we were cancelled
 
-    async def _receive(self, call: grpc.aio.UnaryStreamCall, address: str, count: int,
-                       progress: _Progress) -> EncodedImages:
+    async def _receive(
+        self, call: grpc.aio.UnaryStreamCall, address: str, count: int, progress: _Progress
+    ) -> EncodedImages:
         assemblers: list[FeatureAssembler | None] = [None] * count
         first_ns = last_ns = 0
         async for message in call:
@@ -91,7 +100,8 @@ class VisionPool:
             if kind == "plan":
                 plan = message.plan
                 assemblers[plan.image_index] = FeatureAssembler(
-                    sum(plan.tokens_per_tile), plan.hidden_size, self.dtype)
+                    sum(plan.tokens_per_tile), plan.hidden_size, self.dtype
+                )
             elif kind == "chunk":
                 chunk = message.chunk
                 assembler = assemblers[chunk.image_index]
@@ -135,14 +145,22 @@ def _from_rpc_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
     return DvdError(f"vision server {address}: {exc.details()}", code=code)
 
 
-def _finish(assemblers: list[FeatureAssembler | None], timings: vision_pb2.EncodeTimings,
-            transfer_ns: int, address: str) -> EncodedImages:
+def _finish(
+    assemblers: list[FeatureAssembler | None],
+    timings: vision_pb2.EncodeTimings,
+    transfer_ns: int,
+    address: str,
+) -> EncodedImages:
     features = []
     for index, assembler in enumerate(assemblers):
         if assembler is None or not assembler.complete:
             raise DvdError(f"vision server {address} finished with image {index} incomplete")
         features.append(assembler.tensor)
-    return EncodedImages(features, preprocess_ns=timings.preprocess_ns,
-                         queue_ns=timings.queue_ns, encode_ns=timings.encode_ns,
-                         transfer_ns=max(transfer_ns, timings.transfer_ns), server=address)
-
+    return EncodedImages(
+        features,
+        preprocess_ns=timings.preprocess_ns,
+        queue_ns=timings.queue_ns,
+        encode_ns=timings.encode_ns,
+        transfer_ns=max(transfer_ns, timings.transfer_ns),
+        server=address,
+    )

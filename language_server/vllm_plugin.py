@@ -39,8 +39,9 @@ def register() -> None:
         def download_model(self, model_config: Any) -> None:
             read_source(model_config.model)  # nothing to download; fail early if not a view
 
-        def get_all_weights(self, model_config: Any, model: Any) -> Generator[
-                tuple[str, torch.Tensor], None, None]:
+        def get_all_weights(
+            self, model_config: Any, model: Any
+        ) -> Generator[tuple[str, torch.Tensor], None, None]:
             self.counter_before_loading_weights = time.perf_counter()  # for vLLM's log line
             yield from iter_llm_weights(model_config.model)
 

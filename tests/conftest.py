@@ -16,16 +16,21 @@ SEED = 0
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dvd.checkpoint import make_checkpoint
 
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "internvl3_5-tiny", preset="tiny",
-                           seed=SEED)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "internvl3_5-tiny", preset="tiny", seed=SEED
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dvd.checkpoint import make_checkpoint
 
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt-hf") / "internvl3_5-tiny-hf",
-                           preset="tiny", layout="hf", seed=SEED)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ckpt-hf") / "internvl3_5-tiny-hf",
+        preset="tiny",
+        layout="hf",
+        seed=SEED,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +41,9 @@ def dvd_stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
-def coupled_stack(tiny_checkpoint: Path,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def coupled_stack(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     stack = start_stack(tiny_checkpoint, tmp_path_factory.mktemp("coupled-stack"), "--coupled")
     yield stack
     stack.stop()

@@ -34,7 +34,9 @@ def test_row_offset_places_chunks() -> None:
     assert torch.equal(assembler.tensor, features)
 
 
-def _descriptor(rows: int, hidden: int, dtype: int = common_pb2.DTYPE_FP32) -> common_pb2.TensorDescriptor:
+def _descriptor(
+    rows: int, hidden: int, dtype: int = common_pb2.DTYPE_FP32
+) -> common_pb2.TensorDescriptor:
     return common_pb2.TensorDescriptor(name="image_features", dtype=dtype, shape=[rows, hidden])
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any
 
 import grpc
@@ -591,7 +591,7 @@ def test_fetch_image_limits() -> None:
 
 
 def test_config_rejects_bad_values() -> None:
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "language_addresses": {"language_addresses": ("no-port",)},
         "max_image_bytes": {"max_image_bytes": 0},
         "port": {"port": 70000},
@@ -622,7 +622,10 @@ def test_cli_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.max_tokens_limit is None and config.allow_remote_images is False
     default = config_from_args(parser.parse_args(["gateway"]))
     assert default.language_addresses == ("127.0.0.1:50061",)
-    help_text = parser._subparsers._group_actions[0].choices["gateway"].format_help()  # type: ignore[union-attr]
+    out = io.StringIO()
+    with pytest.raises(SystemExit), redirect_stdout(out):
+        parser.parse_args(["gateway", "--help"])
+    help_text = out.getvalue()
     for flag in ("--language", "--served-model-name", "--max-request-bytes", "DVD_GATEWAY_PORT"):
         assert flag in help_text
 
@@ -661,13 +664,8 @@ def test_cli_run_serves(tmp_path: Any) -> None:
 
     port = free_port()
     env = {**os.environ, "DVD_GATEWAY_PORT": str(port), "DVD_GATEWAY_LOG_LEVEL": "warning"}
-    code = (
-        "import argparse, sys; from gateway.cli import register; "
-        "p = argparse.ArgumentParser(); register(p.add_subparsers()); "
-        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
-    )
     process = subprocess.Popen(
-        [sys.executable, "-c", code, "gateway", "--served-model-name", MODEL],
+        [sys.executable, "-m", "dvd", "gateway", "--served-model-name", MODEL],
         env=env,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )

@@ -33,11 +33,28 @@ def test_a_single_tile_gets_no_thumbnail() -> None:
     assert tiled.num_tiles == 1
 
 
-@pytest.mark.parametrize("size", [(1, 1), (448, 448), (1024, 768), (768, 1024), (2000, 300),
-                                  (300, 2000), (900, 600), (600, 900), (1344, 1008), (50, 400),
-                                  (1000, 1000), (4000, 1000), (447, 449)])
+@pytest.mark.parametrize(
+    "size",
+    [
+        (1, 1),
+        (448, 448),
+        (1024, 768),
+        (768, 1024),
+        (2000, 300),
+        (300, 2000),
+        (900, 600),
+        (600, 900),
+        (1344, 1008),
+        (50, 400),
+        (1000, 1000),
+        (4000, 1000),
+        (447, 449),
+    ],
+)
 @pytest.mark.parametrize("max_tiles", [1, 6, 12])
-def test_grid_matches_transformers_internvl_processor(size: tuple[int, int], max_tiles: int) -> None:
+def test_grid_matches_transformers_internvl_processor(
+    size: tuple[int, int], max_tiles: int
+) -> None:
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
         get_optimal_tiled_canvas,
     )
@@ -53,7 +70,8 @@ def test_pixels_are_imagenet_normalised_in_row_major_tile_order() -> None:
     assert (tiled.grid_cols, tiled.grid_rows) == (2, 1)
     right = np.asarray(image.crop((448, 0, 896, 448)), dtype=np.float32) / 255.0
     expected = (right - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(
-        IMAGENET_STD, dtype=np.float32)
+        IMAGENET_STD, dtype=np.float32
+    )
     torch.testing.assert_close(tiled.pixel_values[1], torch.from_numpy(expected).permute(2, 0, 1))
 
 

@@ -39,10 +39,22 @@ class TileRun:
         return int(self.pixel_values.shape[0])
 
     def split(self, tiles: int) -> tuple[TileRun, TileRun]:
-        head = TileRun(self.request_id, self.image_index, self.first_tile,
-                       self.pixel_values[:tiles], self.sink, self.enqueued_ns)
-        tail = TileRun(self.request_id, self.image_index, self.first_tile + tiles,
-                       self.pixel_values[tiles:], self.sink, self.enqueued_ns)
+        head = TileRun(
+            self.request_id,
+            self.image_index,
+            self.first_tile,
+            self.pixel_values[:tiles],
+            self.sink,
+            self.enqueued_ns,
+        )
+        tail = TileRun(
+            self.request_id,
+            self.image_index,
+            self.first_tile + tiles,
+            self.pixel_values[tiles:],
+            self.sink,
+            self.enqueued_ns,
+        )
         return head, tail
 
 
@@ -59,8 +71,12 @@ class EncodedTiles:
 
 
 class TileBatcher:
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_batch_tiles: int,
-                 max_wait_ms: float) -> None:
+    def __init__(
+        self,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        max_batch_tiles: int,
+        max_wait_ms: float,
+    ) -> None:
         if max_batch_tiles < 1:
             raise ValueError("max_batch_tiles must be at least 1")
         if max_wait_ms < 0:
@@ -133,7 +149,8 @@ class TileBatcher:
         started = time.monotonic_ns()
         try:
             features = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._encode, pixels)
+                self._executor, self._encode, pixels
+            )
         except Exception as exc:  # delivered to every request in the batch
             log.exception("ViT batch of %d tiles failed", pixels.shape[0])
             for run in batch:
@@ -147,6 +164,13 @@ class TileBatcher:
         for run in batch:
             part = features[offset : offset + run.num_tiles]
             offset += run.num_tiles
-            run.sink.put_nowait(EncodedTiles(run.image_index, run.first_tile, part,
-                                             started - run.enqueued_ns, encode_ns,
-                                             int(pixels.shape[0])))
+            run.sink.put_nowait(
+                EncodedTiles(
+                    run.image_index,
+                    run.first_tile,
+                    part,
+                    started - run.enqueued_ns,
+                    encode_ns,
+                    int(pixels.shape[0]),
+                )
+            )

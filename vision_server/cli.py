@@ -17,19 +17,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "way, runs the ViT and the MLP projector on batches of tiles from concurrent "
         "requests, and streams BF16 features back tile by tile.",
     )
-    add_flag(parser, COMMAND, "--model", None, "checkpoint folder (original or -HF layout)",
-             required=False)
+    add_flag(
+        parser,
+        COMMAND,
+        "--model",
+        None,
+        "checkpoint folder (original or -HF layout)",
+        required=False,
+    )
     add_flag(parser, COMMAND, "--host", "127.0.0.1", "address to listen on")
     add_flag(parser, COMMAND, "--port", 50051, "gRPC port")
     add_flag(parser, COMMAND, "--device", "auto", "torch device for the ViT: auto, cpu, cuda:N")
     add_flag(parser, COMMAND, "--dtype", "bfloat16", "ViT and feature dtype: bfloat16 or float32")
     add_flag(parser, COMMAND, "--max-batch-tiles", 32, "most tiles in one ViT batch")
-    add_flag(parser, COMMAND, "--max-wait-ms", 5.0,
-             "how long a batch waits for more tiles after its first arrives")
+    add_flag(
+        parser,
+        COMMAND,
+        "--max-wait-ms",
+        5.0,
+        "how long a batch waits for more tiles after its first arrives",
+    )
     add_flag(parser, COMMAND, "--max-images-per-request", 16, "images allowed in one Encode call")
     add_flag(parser, COMMAND, "--max-image-pixels", 40_000_000, "largest image, in pixels")
-    add_flag(parser, COMMAND, "--max-tiles", 0,
-             "upper bound on tiles per image; 0 uses the checkpoint's max_dynamic_patch")
+    add_flag(
+        parser,
+        COMMAND,
+        "--max-tiles",
+        0,
+        "upper bound on tiles per image; 0 uses the checkpoint's max_dynamic_patch",
+    )
     add_flag(parser, COMMAND, "--metrics-port", 0, "Prometheus /metrics port; 0 disables it")
     add_flag(parser, COMMAND, "--transport", "grpc", "feature transport: grpc")
     add_flag(parser, COMMAND, "--log-level", "info", "logging level")
@@ -45,9 +61,17 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("dvd vision: --model (or DVD_VISION_MODEL) is required")
     setup_logging(args.log_level)
     config = VisionServerConfig(
-        model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-        max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_tiles=args.max_batch_tiles,
+        max_wait_ms=args.max_wait_ms,
         max_images_per_request=args.max_images_per_request,
-        max_image_pixels=args.max_image_pixels, max_tiles=args.max_tiles,
-        metrics_port=args.metrics_port, transport=args.transport)
+        max_image_pixels=args.max_image_pixels,
+        max_tiles=args.max_tiles,
+        metrics_port=args.metrics_port,
+        transport=args.transport,
+    )
     return run_server(config)

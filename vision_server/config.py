@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DTYPES = ("bfloat16", "float16", "float32")
+
 
 @dataclass(frozen=True)
 class VisionServerConfig:
@@ -30,6 +32,8 @@ class VisionServerConfig:
             "max_image_pixels": self.max_image_pixels >= 1,
             "max_tiles": self.max_tiles >= 0,
         }
+        if self.dtype not in DTYPES:
+            raise ValueError(f"vision server: dtype must be one of {DTYPES}, not {self.dtype!r}")
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"vision server: invalid {name}={getattr(self, name)!r}")

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str) -> torch.device:
-    """"auto" means CUDA when present, else CPU."""
+    """ "auto" means CUDA when present, else CPU."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
@@ -36,8 +36,9 @@ class TilingLimits:
 class VisionEncoder:
     """ViT + projector on one device; `encode` is thread-compatible but not re-entrant."""
 
-    def __init__(self, config: InternVLConfig, device: str = "auto",
-                 dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, config: InternVLConfig, device: str = "auto", dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         self.config = config
         self.device = pick_device(device)
         self.dtype = dtype
@@ -50,8 +51,13 @@ class VisionEncoder:
                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
         self.model = model.to(device=self.device, dtype=dtype).eval()
-        log.info("vision model %s loaded on %s in %s (%d tokens per tile)",
-                 config.name, self.device, dtype, config.tokens_per_tile)
+        log.info(
+            "vision model %s loaded on %s in %s (%d tokens per tile)",
+            config.name,
+            self.device,
+            dtype,
+            config.tokens_per_tile,
+        )
 
     @property
     def tokens_per_tile(self) -> int:
@@ -63,8 +69,9 @@ class VisionEncoder:
 
     def preprocess(self, data: bytes, limits: TilingLimits) -> TiledImage:
         image = decode_image(data, limits.max_pixels)
-        return tile_image(image, self.config.image_size, limits.min_tiles, limits.max_tiles,
-                          limits.use_thumbnail)
+        return tile_image(
+            image, self.config.image_size, limits.min_tiles, limits.max_tiles, limits.use_thumbnail
+        )
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:

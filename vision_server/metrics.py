@@ -11,15 +11,27 @@ class VisionMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("dvd_vision_requests_total", "Encode requests", ["status"],
-                                registry=r)
+        self.requests = Counter(
+            "dvd_vision_requests_total", "Encode requests", ["status"], registry=r
+        )
         self.images = Counter("dvd_vision_images_total", "Images encoded", registry=r)
         self.tiles = Counter("dvd_vision_tiles_total", "Tiles encoded", registry=r)
-        self.feature_bytes = Counter("dvd_vision_feature_bytes_total", "Feature bytes sent",
-                                     registry=r)
-        self.in_flight = Gauge("dvd_vision_requests_in_flight", "Encode requests in progress",
-                               registry=r)
-        self.stage = Histogram("dvd_vision_stage_seconds", "Per-request time in each stage",
-                               ["stage"], buckets=_SECONDS, registry=r)
-        self.batch_tiles = Histogram("dvd_vision_batch_tiles", "Tiles per ViT batch",
-                                     buckets=(1, 2, 4, 8, 13, 16, 26, 32, 64, 128), registry=r)
+        self.feature_bytes = Counter(
+            "dvd_vision_feature_bytes_total", "Feature bytes sent", registry=r
+        )
+        self.in_flight = Gauge(
+            "dvd_vision_requests_in_flight", "Encode requests in progress", registry=r
+        )
+        self.stage = Histogram(
+            "dvd_vision_stage_seconds",
+            "Per-request time in each stage",
+            ["stage"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.batch_tiles = Histogram(
+            "dvd_vision_batch_tiles",
+            "Tiles per ViT batch",
+            buckets=(1, 2, 4, 8, 13, 16, 26, 32, 64, 128),
+            registry=r,
+        )

@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class VisionService(vision_pb2_grpc.VisionServiceServicer):
-    def __init__(self, config: VisionServerConfig, encoder: VisionEncoder,
-                 batcher: TileBatcher, metrics: VisionMetrics) -> None:
+    def __init__(
+        self,
+        config: VisionServerConfig,
+        encoder: VisionEncoder,
+        batcher: TileBatcher,
+        metrics: VisionMetrics,
+    ) -> None:
         self.config = config
         self.encoder = encoder
         self.batcher = batcher
@@ -41,25 +46,33 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
     def _limits(self, image: vision_pb2.ImageInput) -> TilingLimits:
         ckpt = self.encoder.config
         max_tiles = self.max_tiles if image.max_tiles <= 0 else min(image.max_tiles, self.max_tiles)
-        return TilingLimits(min(ckpt.min_dynamic_patch, max_tiles), max_tiles,
-                            ckpt.use_thumbnail, self.config.max_image_pixels)
+        return TilingLimits(
+            min(ckpt.min_dynamic_patch, max_tiles),
+            max_tiles,
+            ckpt.use_thumbnail,
+            self.config.max_image_pixels,
+        )
 
     def _validate(self, request: vision_pb2.EncodeRequest) -> None:
         if not request.images:
             raise InvalidInput("Encode needs at least one image")
         if len(request.images) > self.config.max_images_per_request:
-            raise InvalidInput(f"{len(request.images)} images in one request; the limit is "
-                               f"{self.config.max_images_per_request}")
+            raise InvalidInput(
+                f"{len(request.images)} images in one request; the limit is "
+                f"{self.config.max_images_per_request}"
+            )
         try:
             wanted = torch_dtype(request.feature_dtype)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         if wanted != self.encoder.dtype:
-            raise InvalidInput(f"features are produced in {self.encoder.dtype}, "
-                               f"request asked for {wanted}")
+            raise InvalidInput(
+                f"features are produced in {self.encoder.dtype}, request asked for {wanted}"
+            )
 
-    async def Encode(self, request: vision_pb2.EncodeRequest,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse]:
+    async def Encode(
+        self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
         started = time.monotonic_ns()
         self.metrics.in_flight.inc()
         runs: list[TileRun] = []
@@ -82,8 +95,9 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(status).inc()
 
-    async def _encode(self, request: vision_pb2.EncodeRequest, runs: list[TileRun],
-                      started: int) -> AsyncIterator[vision_pb2.EncodeResponse]:
+    async def _encode(
+        self, request: vision_pb2.EncodeRequest, runs: list[TileRun], started: int
+    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[EncodedTiles | BaseException] = asyncio.Queue()
         max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
@@ -93,7 +107,8 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         for index, image in enumerate(request.images):
             t0 = time.monotonic_ns()
             tiled: TiledImage = await loop.run_in_executor(
-                self._preprocess_pool, self.encoder.preprocess, image.data, self._limits(image))
+                self._preprocess_pool, self.encoder.preprocess, image.data, self._limits(image)
+            )
             preprocess_ns += time.monotonic_ns() - t0
             run = TileRun(request.request_id, index, 0, tiled.pixel_values, sink)
             runs.append(run)
@@ -113,25 +128,41 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             features = result.features.reshape(-1, result.features.shape[-1])
             first_row = result.first_tile * self.encoder.tokens_per_tile
             for chunk in chunk_rows(features, first_row, max_chunk):
-                yield vision_pb2.EncodeResponse(chunk=vision_pb2.FeatureChunk(
-                    image_index=result.image_index, row_offset=chunk.row_offset,
-                    descriptor=chunk.descriptor, data=chunk.data))
+                yield vision_pb2.EncodeResponse(
+                    chunk=vision_pb2.FeatureChunk(
+                        image_index=result.image_index,
+                        row_offset=chunk.row_offset,
+                        descriptor=chunk.descriptor,
+                        data=chunk.data,
+                    )
+                )
                 self.metrics.feature_bytes.inc(len(chunk.data))
             transfer_ns += time.monotonic_ns() - t0
             tiles_done += result.features.shape[0]
             rows_sent += features.shape[0]
-        timings = vision_pb2.EncodeTimings(preprocess_ns=preprocess_ns, queue_ns=queue_ns,
-                                           encode_ns=encode_ns, transfer_ns=transfer_ns,
-                                           total_ns=time.monotonic_ns() - started)
+        timings = vision_pb2.EncodeTimings(
+            preprocess_ns=preprocess_ns,
+            queue_ns=queue_ns,
+            encode_ns=encode_ns,
+            transfer_ns=transfer_ns,
+            total_ns=time.monotonic_ns() - started,
+        )
         self._observe(timings, len(request.images), tiles_done)
-        yield vision_pb2.EncodeResponse(done=vision_pb2.EncodeDone(
-            timings=timings, num_tiles=tiles_done, num_tokens=rows_sent))
+        yield vision_pb2.EncodeResponse(
+            done=vision_pb2.EncodeDone(timings=timings, num_tiles=tiles_done, num_tokens=rows_sent)
+        )
 
     def _plan(self, index: int, tiled: TiledImage) -> vision_pb2.ImagePlan:
         return vision_pb2.ImagePlan(
-            image_index=index, num_tiles=tiled.num_tiles, grid_cols=tiled.grid_cols,
-            grid_rows=tiled.grid_rows, tokens_per_tile=[self.encoder.tokens_per_tile] * tiled.num_tiles,
-            hidden_size=self.encoder.hidden_size, width=tiled.width, height=tiled.height)
+            image_index=index,
+            num_tiles=tiled.num_tiles,
+            grid_cols=tiled.grid_cols,
+            grid_rows=tiled.grid_rows,
+            tokens_per_tile=[self.encoder.tokens_per_tile] * tiled.num_tiles,
+            hidden_size=self.encoder.hidden_size,
+            width=tiled.width,
+            height=tiled.height,
+        )
 
     def _observe(self, timings: vision_pb2.EncodeTimings, images: int, tiles: int) -> None:
         self.metrics.images.inc(images)
@@ -139,20 +170,30 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         for stage in ("preprocess", "queue", "encode", "transfer", "total"):
             self.metrics.stage.labels(stage).observe(getattr(timings, f"{stage}_ns") / 1e9)
 
-    async def Info(self, request: common_pb2.InfoRequest,
-                   context: grpc.aio.ServicerContext) -> vision_pb2.VisionInfo:
+    async def Info(
+        self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.VisionInfo:
         ckpt = self.encoder.config
         return vision_pb2.VisionInfo(
-            model=ckpt.name, hidden_size=ckpt.llm_hidden_size,
-            tokens_per_tile=ckpt.tokens_per_tile, image_size=ckpt.image_size,
-            min_tiles=ckpt.min_dynamic_patch, max_tiles=self.max_tiles,
-            use_thumbnail=ckpt.use_thumbnail, device=str(self.encoder.device),
-            transport=self.config.transport, max_batch_tiles=self.batcher.max_batch_tiles,
-            max_wait_ms=int(self.config.max_wait_ms), max_image_pixels=self.config.max_image_pixels)
+            model=ckpt.name,
+            hidden_size=ckpt.llm_hidden_size,
+            tokens_per_tile=ckpt.tokens_per_tile,
+            image_size=ckpt.image_size,
+            min_tiles=ckpt.min_dynamic_patch,
+            max_tiles=self.max_tiles,
+            use_thumbnail=ckpt.use_thumbnail,
+            device=str(self.encoder.device),
+            transport=self.config.transport,
+            max_batch_tiles=self.batcher.max_batch_tiles,
+            max_wait_ms=int(self.config.max_wait_ms),
+            max_image_pixels=self.config.max_image_pixels,
+        )
 
-    async def Health(self, request: common_pb2.HealthRequest,
-                     context: grpc.aio.ServicerContext) -> common_pb2.HealthResponse:
+    async def Health(
+        self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.HealthResponse:
         if self.ready:
             return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_SERVING)
-        return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_NOT_SERVING,
-                                         detail="draining")
+        return common_pb2.HealthResponse(
+            status=common_pb2.HealthResponse.STATUS_NOT_SERVING, detail="draining"
+        )

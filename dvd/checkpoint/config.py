@@ -173,7 +173,8 @@ def load_config(path: str | Path) -> InternVLConfig:
     layout = _ARCHITECTURES.get(architectures[0])
     if layout is None:
         raise ValueError(
-            f"{config_file}: architecture {architectures[0]!r} is not one of {sorted(_ARCHITECTURES)}"
+            f"{config_file}: architecture {architectures[0]!r} is not one of "
+            f"{sorted(_ARCHITECTURES)}"
         )
     if layout == ORIGINAL:
         return _load_original(folder, config_file, raw)

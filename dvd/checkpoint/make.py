@@ -13,7 +13,7 @@ from dvd.checkpoint import config_files
 from dvd.checkpoint.config import HF, ORIGINAL
 from dvd.checkpoint.presets import get_preset
 from dvd.checkpoint.random_weights import random_state_dict, to_hf
-from dvd.checkpoint.tokenizer import write_tokenizer_files
+from dvd.checkpoint.tokenizer import REGULAR_VOCAB, write_tokenizer_files
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -45,7 +45,11 @@ def make_checkpoint(
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         ids = write_tokenizer_files(work, layout, spec.llm_max_position_embeddings)
-        state = random_state_dict(spec, ids.padded_vocab(), ids.length, seed)
+        # Only the regular vocabulary and EOS can be generated; the rule does not depend on
+        # the layout, so both layouts hold the same model (-HF's extra <video> is muted).
+        vocab = ids.padded_vocab()
+        muted = [i for i in range(REGULAR_VOCAB, vocab) if i != ids.eos]
+        state = random_state_dict(spec, vocab, muted, seed)
         if layout == HF:
             state = to_hf(state, spec.vit_hidden)
         tensors = {name: t.to(torch.bfloat16).contiguous() for name, t in sorted(state.items())}
@@ -57,7 +61,9 @@ def make_checkpoint(
             _write_json(work / "model.safetensors.index.json", index)
         else:
             _write_json(work / "config.json", config_files.hf_config(spec, ids))
-            _write_json(work / "preprocessor_config.json", config_files.hf_preprocessor_config(spec))
+            _write_json(
+                work / "preprocessor_config.json", config_files.hf_preprocessor_config(spec)
+            )
             _write_json(work / "processor_config.json", config_files.hf_processor_config(spec))
         _write_json(work / "generation_config.json", config_files.generation_config(layout, ids))
         os.chmod(work, 0o755)  # mkdtemp makes it 0700
@@ -81,7 +87,9 @@ def _check_target(target: Path, force: bool) -> None:
     if not force:
         raise FileExistsError(f"{target} is not empty (use force=True / --force to replace it)")
     if not (target / "config.json").exists():
-        raise ValueError(f"{target} has no config.json: not replacing a folder that is no checkpoint")
+        raise ValueError(
+            f"{target} has no config.json: not replacing a folder that is no checkpoint"
+        )
 
 
 def _write_json(file: Path, data: Any) -> None:

@@ -10,6 +10,7 @@ one token forever.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from dvd.checkpoint.presets import Preset
@@ -48,10 +49,16 @@ class _Init:
             self.normal(f"{name}.bias", (size,), 0.02)
 
 
-def random_state_dict(preset: Preset, vocab_size: int, live_vocab: int, seed: int) -> dict:
-    """Original-layout state dict (float32). Rows of lm_head at or past `live_vocab` (ids
-    the tokenizer does not have, the padding up to vocab_size) are zero, so greedy decoding
-    never picks an id that cannot be detokenized."""
+def random_state_dict(
+    preset: Preset, vocab_size: int, muted: Iterable[int], seed: int
+) -> dict[str, torch.Tensor]:
+    """Original-layout state dict (float32).
+
+    The lm_head rows of the `muted` ids are zero: their logit is 0 while the live ones'
+    spread over +-3*sqrt(hidden), so greedy decoding never picks them. Muting the padding
+    rows (ids the tokenizer lacks) and the added tokens other than EOS keeps a random model
+    from emitting undecodable ids or <IMG_CONTEXT>-like markup, as a trained one would not.
+    """
     init = _Init(seed)
     _vision(init, preset)
     _projector(init, preset)
@@ -59,7 +66,7 @@ def random_state_dict(preset: Preset, vocab_size: int, live_vocab: int, seed: in
     state = init.out
     head = "language_model.lm_head.weight"
     if head in state:
-        state[head][live_vocab:] = 0.0
+        state[head][list(muted)] = 0.0
     return state
 
 

@@ -62,8 +62,17 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 # Qwen3's special_tokens_map.json "additional_special_tokens".
 QWEN3_ADDITIONAL_SPECIAL = [content for content, _ in QWEN3_ADDED_TOKENS[1:14]]
-INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>")
-INTERNVL_TOKENS += ("<box>", "</box>")
+INTERNVL_TOKENS: tuple[str, ...] = (
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+)
 HF_VIDEO_TOKEN = "<video>"
 
 # InternVL3.5's chat_template.jinja (475 bytes; the template of transformers'
@@ -95,8 +104,12 @@ class TokenIds:
     img_context: int
 
     def padded_vocab(self, multiple: int = 64) -> int:
-        """The LLM's vocab_size: len(tokenizer) rounded up, as Qwen's 151936 is."""
-        return -(-self.length // multiple) * multiple
+        """The LLM's vocab_size: len(tokenizer) rounded up, as Qwen's 151936 is.
+
+        Rounded from the -HF tokenizer's length (the longer one, with <video>), so that both
+        layouts of a preset hold the same LLM."""
+        longest = REGULAR_VOCAB + len(added_tokens("hf"))
+        return -(-max(self.length, longest) // multiple) * multiple
 
 
 def added_tokens(layout: str) -> list[tuple[str, bool]]:
@@ -109,8 +122,17 @@ def added_tokens(layout: str) -> list[tuple[str, bool]]:
 
 def build_tokenizer(layout: str) -> Tokenizer:
     """The byte-level BPE learned from CORPUS, plus the added tokens of `layout`."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tokenizer = Tokenizer(
         models.BPE(
@@ -144,7 +166,11 @@ def build_tokenizer(layout: str) -> Tokenizer:
         raise RuntimeError(f"BPE learned {tokenizer.get_vocab_size()} tokens, not {REGULAR_VOCAB}")
     for content, special in added_tokens(layout):
         token = AddedToken(
-            content, single_word=False, lstrip=False, rstrip=False, normalized=False,
+            content,
+            single_word=False,
+            lstrip=False,
+            rstrip=False,
+            normalized=False,
             special=special,
         )
         tokenizer.add_tokens([token])
