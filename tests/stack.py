@@ -60,29 +60,16 @@ class Stack:
         return self.process.wait()
 
 
-def start_stack(model: Path, workdir: Path, *extra: str, wait: bool = True) -> Stack:
+def start_stack(model: Path | None, workdir: Path, *extra: str, wait: bool = True) -> Stack:
+    """Runs `dvd up` on free loopback ports; model None serves the embedded default."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, vision_port, language_port = free_port(), free_port(), free_port()
     log_path = workdir / f"dvd-up-{port}.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "dvd",
-        "up",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--vision-port",
-        str(vision_port),
-        "--language-port",
-        str(language_port),
-        "--kv-cache-gib",
-        "0.25",
-        "--max-model-len",
-        "8192",
-        *extra,
-    ]
+    ports = ["--port", str(port), "--vision-port", str(vision_port)]
+    ports += ["--language-port", str(language_port)]
+    model_args = ["--model", str(model)] if model is not None else []
+    sizes = ["--kv-cache-gib", "0.25", "--max-model-len", "8192"]
+    argv = [sys.executable, "-m", "dvd", "up", *model_args, *ports, *sizes, *extra]
     env = {**os.environ, "DVD_CACHE_DIR": str(workdir / "cache"), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

@@ -1,0 +1,101 @@
+"""`dvd up` supervises its three processes: clean stop on Ctrl-C, a dead child is reported."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.stack import http_status, start_stack
+
+pytestmark = pytest.mark.integration
+
+
+def children_by_role(pid: int) -> dict[str, psutil.Process]:
+    roles = {}
+    for child in psutil.Process(pid).children():
+        cmdline = child.cmdline()
+        for role in ("vision", "language", "gateway"):
+            if role in cmdline[3:5]:
+                roles[role] = child
+    return roles
+
+
+def test_default_model_then_ctrl_c_stops_all_three(tmp_path: Path) -> None:
+    stack = start_stack(None, tmp_path)
+    process, port = stack.process, stack.port
+    try:
+        text = stack.log_path.read_text()
+        assert "RANDOM" in text
+        assert (tmp_path / "cache" / "checkpoints").is_dir()
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        assert set(children_by_role(process.pid)) == {"vision", "language", "gateway"}
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+        assert http_status(f"http://127.0.0.1:{port}/health") == 0
+    finally:
+        stack.stop(timeout_s=5)
+
+
+def test_a_child_that_dies_is_reported_and_the_rest_stopped(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    stack = start_stack(tiny_checkpoint, tmp_path)
+    process, log = stack.process, stack.log_path
+    try:
+        roles = children_by_role(process.pid)
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        roles["vision"].kill()
+        assert process.wait(60) == 1
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert not alive
+        deadline = time.monotonic() + 5
+        while "vision exited with code -9" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "vision exited with code -9" in log.read_text()
+    finally:
+        stack.stop(timeout_s=5)
+
+
+def test_help_names_every_command_and_its_environment_variables() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvd", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for command in ("up", "vision", "language", "gateway", "make-checkpoint"):
+        assert command in result.stdout
+    for command, variable in (
+        ("up", "DVD_UP_PORT"),
+        ("vision", "DVD_VISION_MAX_BATCH_TILES"),
+        ("language", "DVD_LANGUAGE_VISION"),
+        ("gateway", "DVD_GATEWAY_MAX_IMAGE_BYTES"),
+    ):
+        sub = subprocess.run(
+            [sys.executable, "-m", "dvd", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert variable in sub.stdout
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvd", "up", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "config.json" in result.stderr
