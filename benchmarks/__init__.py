@@ -1,0 +1,1 @@
+"""Benchmarks of dvd-serve: load generation, system comparisons, transfer micro-benchmarks."""
