@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from benchmarks.serve import cli as serve_cli
+    from benchmarks.serve.cli import register as register_serve
 
     parser = subparsers.add_parser(
         "bench",
@@ -14,4 +14,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Benchmarks report every figure beside a baseline measured in the same run.",
     )
     tools = parser.add_subparsers(dest="bench_command", metavar="TOOL", required=True)
-    serve_cli.register(tools)
+    register_serve(tools)

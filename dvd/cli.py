@@ -12,6 +12,7 @@ from dvd import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from benchmarks import cli as bench_cli
     from dvd import up
     from dvd.checkpoint import cli as checkpoint_cli
     from gateway import cli as gateway_cli
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     language_cli.register(subparsers)
     vision_cli.register(subparsers)
     checkpoint_cli.register(subparsers)
+    bench_cli.register(subparsers)
     return parser
 
 

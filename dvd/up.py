@@ -53,6 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         False,
         "run the vision model inside the language server (the baseline), no vision server",
     )
+    add_flag(
+        parser,
+        COMMAND,
+        "--transport",
+        "grpc",
+        "how features travel from the vision to the language server: grpc or shm",
+    )
     add_flag(parser, COMMAND, "--dtype", "bfloat16", "model dtype: bfloat16 or float32")
     add_flag(parser, COMMAND, "--max-model-len", 0, "context length; 0: the model's, capped")
     add_flag(parser, COMMAND, "--kv-cache-gib", 2.0, "KV cache size in GiB")
@@ -104,7 +111,7 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
     if args.coupled:
         language += ["--mode", "coupled"]
     else:
-        language += ["--mode", "dvd", "--vision", vision_addr]
+        language += ["--mode", "dvd", "--vision", vision_addr, "--transport", args.transport]
     gateway = [
         *dvd,
         "gateway",
@@ -119,7 +126,9 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
     ]
     procs = [("language", language), ("gateway", gateway)]
     if not args.coupled:
-        procs.insert(0, ("vision", [*dvd, "vision", *common, "--port", str(args.vision_port)]))
+        vision = [*dvd, "vision", *common, "--port", str(args.vision_port)]
+        accepted = "grpc" if args.transport == "grpc" else f"grpc,{args.transport}"
+        procs.insert(0, ("vision", [*vision, "--transport", accepted]))
     return procs
 
 

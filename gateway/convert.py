@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import httpx
 
+from dvd import vir_mode
 from dvd.v1 import language_pb2
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
@@ -45,7 +46,12 @@ async def to_generate_request(
             else:
                 parts.append(language_pb2.ContentPart(text=part.text))
         messages.append(language_pb2.ChatMessage(role=message.role, content=parts))
-    return language_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling)
+    return language_pb2.GenerateRequest(
+        request_id=request_id,
+        messages=messages,
+        sampling=sampling,
+        vir_mode=vir_mode.to_wire(vir_mode.parse(chat.vir_mode) if chat.vir_mode else None),
+    )
 
 
 async def load_images(

@@ -93,6 +93,9 @@ class ChatCompletionRequest(_Lenient):
     n: int | None = 1
     ignore_eos: bool = False
     """vLLM extension: keep generating past end-of-sequence (benchmarks)."""
+    vir_mode: Literal["router", "always-1/4", "always-1/16"] | None = None
+    """dvd extension: how image tiles are compressed on InternVL3.5-Flash models (ViR's
+    router, or one resolution for every tile); None keeps the server's default."""
 
     @field_validator("n")
     @classmethod

@@ -41,6 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         None,
         "model name clients use; defaults to the checkpoint folder's name",
     )
+    add_flag(
+        parser,
+        COMMAND,
+        "--transport",
+        "grpc",
+        "how feature bytes travel from vision servers (dvd mode): grpc (in the stream, "
+        "works everywhere), shm (shared memory, same host), rdma (pyverbs)",
+    )
+    add_flag(parser, COMMAND, "--shm-arena-mib", 1024, "size of the shm transport's arena")
     add_flag(parser, COMMAND, "--dtype", "bfloat16", "LLM and feature dtype: bfloat16 or float32")
     add_flag(
         parser,
@@ -57,6 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, COMMAND, "--max-batch-tiles", 32, "coupled mode: most tiles in one ViT batch")
     add_flag(
         parser, COMMAND, "--max-image-pixels", 40_000_000, "coupled mode: largest image, in pixels"
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--vir-mode",
+        "auto",
+        "coupled mode: default tile resolution (router, always-1/4, always-1/16); in dvd mode "
+        "the vision server's --vir-mode applies",
     )
     add_flag(parser, COMMAND, "--metrics-port", 0, "Prometheus /metrics port; 0 disables it")
     add_flag(parser, COMMAND, "--log-level", "info", "logging level")
@@ -88,5 +105,8 @@ def run(args: argparse.Namespace) -> int:
         max_batch_tiles=args.max_batch_tiles,
         max_image_pixels=args.max_image_pixels,
         metrics_port=args.metrics_port,
+        vir_mode=args.vir_mode,
+        transport=args.transport,
+        shm_arena_mib=args.shm_arena_mib,
     )
     return run_server(config)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dvd.transport import NAMES as TRANSPORTS
+from dvd.vir_mode import NAMES as VIR_NAMES
+
 MODES = ("dvd", "coupled")
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -27,6 +30,9 @@ class LanguageServerConfig:
     vision_device: str = "auto"
     max_batch_tiles: int = 32
     max_image_pixels: int = 40_000_000
+    vir_mode: str = "auto"  # auto: the router on -Flash checkpoints, else always-1/4
+    transport: str = "grpc"  # how feature bytes arrive in dvd mode: grpc, shm, rdma
+    shm_arena_mib: int = 1024
     metrics_port: int = 0
     cache_dir: str = ""
 
@@ -35,7 +41,12 @@ class LanguageServerConfig:
             raise ValueError(f"language server: mode must be one of {MODES}, not {self.mode!r}")
         if self.mode == "dvd" and not self.vision:
             raise ValueError("language server: dvd mode needs at least one --vision address")
+        if self.vir_mode not in ("auto", *VIR_NAMES):
+            raise ValueError(f"language server: vir_mode must be auto or one of {VIR_NAMES}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"language server: transport must be one of {TRANSPORTS}")
         checks = {
+            "shm_arena_mib": self.shm_arena_mib >= 1,
             "port": 0 <= self.port < 65536,
             "metrics_port": 0 <= self.metrics_port < 65536,
             "max_model_len": self.max_model_len >= 0,

@@ -1,10 +1,10 @@
 """Coupled mode: the vision model runs inside the language server, one request at a time.
 
 This is the baseline DvD is measured against: no vision server, no feature transfer, and
-no batching of tiles across requests. Encoding runs on one worker thread under a lock, so
-requests' images are encoded serially, the way a coupled VLM server encodes them inside
-its serving loop. It uses the same VisionEncoder as the vision server, so both modes
-produce the same features from the same image.
+no batching of tiles across requests. Encoding runs on one worker thread, so requests'
+images are encoded serially, the way a coupled VLM server encodes them inside its serving
+loop. It uses the same VisionEncoder and the same per-request ViR decision as the vision
+server, so both modes produce the same features from the same images.
 """
 
 from __future__ import annotations
@@ -13,46 +13,63 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
+from dvd.errors import InvalidInput
+from dvd.vir_mode import VirMode
 from language_server.image_features import EncodedImages
 from vision_server.encoder import TilingLimits, VisionEncoder
+from vision_server.tile_features import TileFeatures, select_rows
 
 
 class CoupledVision:
-    def __init__(self, encoder: VisionEncoder, limits: TilingLimits, max_batch_tiles: int) -> None:
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        limits: TilingLimits,
+        max_batch_tiles: int,
+        default_mode: VirMode | None = None,
+    ) -> None:
         self.encoder = encoder
         self.limits = limits
         self.max_batch_tiles = max_batch_tiles
+        self.default_mode = default_mode or encoder.default_mode()
+        encoder.check_mode(self.default_mode)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coupled-vit")
 
-    def _encode_all(self, images: list[bytes]) -> EncodedImages:
+    def _encode_all(self, images: list[bytes], mode: VirMode) -> EncodedImages:
         result = EncodedImages(features=[], server="in-process")
+        per_image = []
         for data in images:
             t0 = time.monotonic_ns()
             tiled = self.encoder.preprocess(data, self.limits)
             t1 = time.monotonic_ns()
-            parts = [
-                self.encoder.encode(batch)
-                for batch in tiled.pixel_values.split(self.max_batch_tiles)
-            ]
-            features = torch.cat(parts)
-            result.features.append(features.reshape(-1, features.shape[-1]))
+            batches = tiled.pixel_values.split(self.max_batch_tiles)
+            with_vir = mode is not VirMode.QUARTER
+            per_image.append(TileFeatures.cat([self.encoder.encode(b, with_vir) for b in batches]))
             result.preprocess_ns += t1 - t0
             result.encode_ns += time.monotonic_ns() - t1
+        for rows, tokens in select_rows(mode, per_image, self.encoder.config.flash):
+            result.features.append(rows)
+            result.tokens_per_tile.append(tokens)
         return result
 
-    async def encode(self, request_id: str, images: list[bytes]) -> EncodedImages:
+    async def encode(
+        self, request_id: str, images: list[bytes], mode: VirMode | None = None
+    ) -> EncodedImages:
+        mode = mode or self.default_mode
+        self.encoder.check_mode(mode)
         queued = time.monotonic_ns()
         loop = asyncio.get_running_loop()
 
         def timed() -> EncodedImages:
             started = time.monotonic_ns()
-            result = self._encode_all(images)
+            result = self._encode_all(images, mode)
             result.queue_ns = started - queued
             return result
 
-        return await loop.run_in_executor(self._executor, timed)
+        try:
+            return await loop.run_in_executor(self._executor, timed)
+        except ValueError as exc:  # e.g. a mode the checkpoint cannot serve
+            raise InvalidInput(str(exc)) from None
 
     async def healthy(self) -> list[tuple[str, bool]]:
         return []

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from dvd.vir_mode import VirMode
 
 
 @dataclass
@@ -13,17 +16,24 @@ class EncodedImages:
     """Features of a request's images, in order, and how long each stage took (ns)."""
 
     features: list[torch.Tensor]  # one [rows, hidden] tensor per image
+    tokens_per_tile: list[list[int]] = field(default_factory=list)  # per image
     preprocess_ns: int = 0
     queue_ns: int = 0
     encode_ns: int = 0
     transfer_ns: int = 0
     server: str = field(default="")
+    release: Callable[[], None] = field(default=lambda: None)
+    """Frees the transport memory the features may view; call once they have been copied."""
 
 
 class FeatureSource(Protocol):
     """Turns a request's images into features."""
 
-    async def encode(self, request_id: str, images: list[bytes]) -> EncodedImages: ...
+    async def encode(
+        self, request_id: str, images: list[bytes], mode: VirMode | None = None
+    ) -> EncodedImages:
+        """mode None: the source's default (the vision server's, or --vir-mode in coupled)."""
+        ...
 
     async def healthy(self) -> list[tuple[str, bool]]: ...
 

@@ -7,10 +7,12 @@ import logging
 
 from prometheus_client import start_http_server
 
+from dvd import vir_mode
 from dvd.checkpoint import InternVLConfig, load_config
 from dvd.env import cache_dir
 from dvd.features import parse_dtype
 from dvd.grpc_server import bind, new_server, serve_until_signal
+from dvd.transport import FeatureReceiver, receiver_class
 from dvd.v1 import language_pb2_grpc
 from language_server.chat_prompt import PromptBuilder
 from language_server.config import LanguageServerConfig
@@ -42,7 +44,16 @@ def make_feature_source(config: LanguageServerConfig, checkpoint: InternVLConfig
     if config.mode == "dvd":
         from language_server.vision_client import VisionPool
 
-        return VisionPool(list(config.vision), dtype, config.vision_timeout_s)
+        # Room for the most tiles an image can have (the grid plus its thumbnail) at 1/4.
+        max_rows = (checkpoint.max_dynamic_patch + 1) * checkpoint.tokens_per_tile
+        return VisionPool(
+            list(config.vision),
+            dtype,
+            config.vision_timeout_s,
+            make_receiver(config),
+            max_rows,
+            checkpoint.llm_hidden_size,
+        )
     from language_server.coupled import CoupledVision
     from vision_server.encoder import TilingLimits, VisionEncoder
 
@@ -53,7 +64,15 @@ def make_feature_source(config: LanguageServerConfig, checkpoint: InternVLConfig
         checkpoint.use_thumbnail,
         config.max_image_pixels,
     )
-    return CoupledVision(encoder, limits, config.max_batch_tiles)
+    mode = None if config.vir_mode == "auto" else vir_mode.parse(config.vir_mode)
+    return CoupledVision(encoder, limits, config.max_batch_tiles, mode)
+
+
+def make_receiver(config: LanguageServerConfig) -> FeatureReceiver:
+    cls = receiver_class(config.transport)
+    if config.transport == "shm":
+        return cls(arena_bytes=config.shm_arena_mib * 2**20)  # type: ignore[call-arg]
+    return cls()
 
 
 async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:

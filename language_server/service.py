@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from dvd import vir_mode
 from dvd.errors import DvdError, InvalidInput
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from language_server.chat_prompt import Prompt, PromptBuilder
@@ -86,9 +87,15 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
     ) -> AsyncIterator[language_pb2.GenerateResponse]:
         started = time.monotonic_ns()
         images = self._images(request)
+        try:
+            mode = vir_mode.from_wire(request.vir_mode)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         # Features are on their way while the text is templated and tokenised.
         encoding = (
-            asyncio.create_task(self.vision.encode(request.request_id, images)) if images else None
+            asyncio.create_task(self.vision.encode(request.request_id, images, mode))
+            if images
+            else None
         )
         try:
             t0 = time.monotonic_ns()
@@ -96,11 +103,14 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             render_ns = time.monotonic_ns() - t0
             encoded = await encoding if encoding is not None else EncodedImages(features=[])
             t1 = time.monotonic_ns()
-            prompt = self.builder.assemble(rendered, encoded.features)
+            try:
+                prompt = self.builder.assemble(rendered, encoded.features)
+            finally:
+                encoded.release()  # the features were copied into the prompt embeddings
             prompt_ns = render_ns + time.monotonic_ns() - t1
         finally:
-            if encoding is not None and not encoding.done():
-                encoding.cancel()
+            if encoding is not None:
+                _settle(encoding)
         sampling = self._sampling(request.sampling, len(prompt.token_ids))
         async for message in self._decode(
             request.request_id, prompt, sampling, encoded, prompt_ns, started
@@ -230,3 +240,12 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
 def _finish_reason(reason: str) -> str:
     """vLLM says "stop" for EOS and stop strings, "length" for max_tokens; "abort" otherwise."""
     return reason if reason in ("stop", "length") else "stop"
+
+
+def _settle(encoding: asyncio.Task[EncodedImages]) -> None:
+    """Stops an encode still running, and frees the transport memory of one that finished
+    (release is idempotent, so this is safe after the prompt was assembled)."""
+    if not encoding.done():
+        encoding.cancel()
+    elif not encoding.cancelled() and encoding.exception() is None:
+        encoding.result().release()

@@ -1,8 +1,10 @@
-"""DvD mode: features come from vision servers over gRPC.
+"""DvD mode: features come from vision servers over gRPC, their bytes through a transport.
 
 Each request goes to the vision server with the fewest images in flight from this
 language server (ties: round robin). A request that fails with UNAVAILABLE before any
 response arrived is retried once on another server; after the first response it is not.
+The transport's receiver (dvd.transport) prepares where the features land; its memory is
+released once the prompt has been assembled from them (EncodedImages.release).
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import time
 import grpc
 import torch
 
+from dvd import vir_mode
 from dvd.errors import DvdError, InvalidInput, Unavailable
-from dvd.features import FeatureAssembler, wire_dtype
+from dvd.features import wire_dtype
 from dvd.grpc_options import CHANNEL_OPTIONS
+from dvd.transport import FeatureReceiver, Reception
+from dvd.transport.base import RequestShape
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from dvd.vir_mode import VirMode
 from language_server.image_features import EncodedImages
 
 log = logging.getLogger(__name__)
@@ -29,15 +35,27 @@ class VisionServer:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
         self.images_in_flight = 0
+        self.connection: str | None = None  # the transport's connection id, once attached
 
 
 class VisionPool:
-    def __init__(self, addresses: list[str], dtype: torch.dtype, timeout_s: float) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        dtype: torch.dtype,
+        timeout_s: float,
+        receiver: FeatureReceiver,
+        max_rows_per_image: int,
+        hidden: int,
+    ) -> None:
         if not addresses:
             raise ValueError("DvD mode needs at least one vision server address")
         self.servers = [VisionServer(a) for a in addresses]
         self.dtype = dtype
         self.timeout_s = timeout_s
+        self.receiver = receiver
+        self.image_capacity = max_rows_per_image * hidden * dtype.itemsize
+        self.hidden = hidden
         self._turn = itertools.count()
 
     def _pick(self, exclude: VisionServer | None = None) -> VisionServer:
@@ -46,11 +64,14 @@ class VisionPool:
         rotated = candidates[start:] + candidates[:start]
         return min(rotated, key=lambda s: s.images_in_flight)
 
-    async def encode(self, request_id: str, images: list[bytes]) -> EncodedImages:
+    async def encode(
+        self, request_id: str, images: list[bytes], mode: VirMode | None = None
+    ) -> EncodedImages:
         request = vision_pb2.EncodeRequest(
             request_id=request_id,
             images=[vision_pb2.ImageInput(data=d) for d in images],
             feature_dtype=wire_dtype(self.dtype),
+            vir_mode=vir_mode.to_wire(mode),
         )
         server = self._pick()
         try:
@@ -70,27 +91,67 @@ class VisionPool:
             except _RetryableError:
                 raise Unavailable("no vision server is available") from None
 
+    async def _connection(self, server: VisionServer) -> str:
+        """The transport's connection to `server`, made before its first request."""
+        if server.connection is None:
+            try:
+                server.connection = await self.receiver.attach(server.address, server.stub)
+            except (ValueError, grpc.aio.AioRpcError) as exc:
+                log.warning(
+                    "cannot connect the %s transport to %s: %s",
+                    self.receiver.name,
+                    server.address,
+                    exc,
+                )
+                raise _RetryableError() from None
+        return server.connection
+
     async def _encode_on(
         self, server: VisionServer, request: vision_pb2.EncodeRequest
     ) -> EncodedImages:
         count = len(request.images)
+        shape = RequestShape(
+            request.request_id,
+            [self.image_capacity] * count,
+            self.hidden,
+            self.dtype,
+            connection_id=await self._connection(server),
+        )
+        reception = self.receiver.open(shape)
+        request.ClearField("destination")
+        if reception.destination is not None:
+            request.destination.CopyFrom(reception.destination)
         server.images_in_flight += count
         call = server.stub.Encode(request, timeout=self.timeout_s)
         progress = _Progress()
         try:
-            return await self._receive(call, server.address, count, progress)
+            encoded = await self._receive(call, server.address, reception, progress)
         except grpc.aio.AioRpcError as exc:
+            reception.release()
             if exc.code() == grpc.StatusCode.UNAVAILABLE and not progress.started:
+                server.connection = None  # it may have restarted: connect afresh next time
                 raise _RetryableError() from None
             raise _from_rpc_error(exc, server.address) from None
+        except ValueError as exc:  # the transport refused what the server sent
+            reception.release()
+            raise DvdError(f"vision server {server.address} sent bad features: {exc}") from None
+        except BaseException:
+            reception.release()
+            raise
         finally:
             server.images_in_flight -= count
             call.cancel()  # no-op when finished; stops the encode when we were cancelled
+        encoded.release = reception.release
+        return encoded
 
     async def _receive(
-        self, call: grpc.aio.UnaryStreamCall, address: str, count: int, progress: _Progress
+        self,
+        call: grpc.aio.UnaryStreamCall,
+        address: str,
+        reception: Reception,
+        progress: _Progress,
     ) -> EncodedImages:
-        assemblers: list[FeatureAssembler | None] = [None] * count
+        plans: dict[int, list[int]] = {}
         first_ns = last_ns = 0
         async for message in call:
             progress.started = True
@@ -98,18 +159,22 @@ class VisionPool:
             first_ns = first_ns or last_ns
             kind = message.WhichOneof("kind")
             if kind == "plan":
-                plan = message.plan
-                assemblers[plan.image_index] = FeatureAssembler(
-                    sum(plan.tokens_per_tile), plan.hidden_size, self.dtype
-                )
+                reception.on_plan(message.plan)
+                plans[message.plan.image_index] = list(message.plan.tokens_per_tile)
             elif kind == "chunk":
-                chunk = message.chunk
-                assembler = assemblers[chunk.image_index]
-                if assembler is None:
-                    raise DvdError(f"vision server {address} sent features before the plan")
-                assembler.add(chunk.row_offset, chunk.descriptor, chunk.data)
+                reception.on_chunk(message.chunk)
             elif kind == "done":
-                return _finish(assemblers, message.done.timings, last_ns - first_ns, address)
+                await reception.settle(self.timeout_s)
+                timings = message.done.timings
+                return EncodedImages(
+                    reception.features(),
+                    tokens_per_tile=[plans[i] for i in sorted(plans)],
+                    preprocess_ns=timings.preprocess_ns,
+                    queue_ns=timings.queue_ns,
+                    encode_ns=timings.encode_ns,
+                    transfer_ns=max(last_ns - first_ns, timings.transfer_ns),
+                    server=address,
+                )
         raise DvdError(f"vision server {address} ended the stream without finishing")
 
     async def healthy(self) -> list[tuple[str, bool]]:
@@ -126,6 +191,7 @@ class VisionPool:
     async def close(self) -> None:
         for server in self.servers:
             await server.channel.close()
+        self.receiver.close()
 
 
 class _Progress:
@@ -143,24 +209,3 @@ def _from_rpc_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(exc.details() or "invalid image")
     return DvdError(f"vision server {address}: {exc.details()}", code=code)
-
-
-def _finish(
-    assemblers: list[FeatureAssembler | None],
-    timings: vision_pb2.EncodeTimings,
-    transfer_ns: int,
-    address: str,
-) -> EncodedImages:
-    features = []
-    for index, assembler in enumerate(assemblers):
-        if assembler is None or not assembler.complete:
-            raise DvdError(f"vision server {address} finished with image {index} incomplete")
-        features.append(assembler.tensor)
-    return EncodedImages(
-        features,
-        preprocess_ns=timings.preprocess_ns,
-        queue_ns=timings.queue_ns,
-        encode_ns=timings.encode_ns,
-        transfer_ns=max(transfer_ns, timings.transfer_ns),
-        server=address,
-    )

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
 
 from vision_server.batcher import EncodedTiles, TileBatcher, TileRun
+from vision_server.tile_features import TileFeatures
 
 
-def fake_vit(pixels: torch.Tensor) -> torch.Tensor:
+def fake_vit(pixels: torch.Tensor, with_vir: bool = False) -> TileFeatures:
     """A real (tiny) computation standing in for the ViT: 2 'tokens' per tile."""
     means = pixels.mean(dim=(1, 2, 3))
-    return torch.stack([means, means * 2], dim=1).unsqueeze(-1)
+    quarter = torch.stack([means, means * 2], dim=1).unsqueeze(-1)
+    if not with_vir:
+        return TileFeatures(quarter)
+    return TileFeatures(quarter, quarter[:, :1], means.sigmoid())
 
 
 def make_run(request: str, tiles: int, sink: asyncio.Queue, value: float) -> TileRun:
@@ -24,7 +29,7 @@ def make_run(request: str, tiles: int, sink: asyncio.Queue, value: float) -> Til
 
 async def drain(sink: asyncio.Queue, tiles: int) -> list[EncodedTiles]:
     results: list[EncodedTiles] = []
-    while sum(r.features.shape[0] for r in results) < tiles:
+    while sum(r.features.num_tiles for r in results) < tiles:
         item = await asyncio.wait_for(sink.get(), 10)
         assert not isinstance(item, BaseException)
         results.append(item)
@@ -35,9 +40,9 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_features() -> None:
     async def scenario() -> None:
         batches: list[int] = []
 
-        def vit(pixels: torch.Tensor) -> torch.Tensor:
+        def vit(pixels: torch.Tensor, with_vir: bool) -> TileFeatures:
             batches.append(pixels.shape[0])
-            return fake_vit(pixels)
+            return fake_vit(pixels, with_vir)
 
         batcher = TileBatcher(vit, max_batch_tiles=8, max_wait_ms=50)
         batcher.start()
@@ -47,8 +52,10 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_features() -> None:
         got_a, got_b = await drain(a, 3), await drain(b, 2)
         await batcher.stop()
         assert batches == [5]
-        assert torch.equal(got_a[0].features, fake_vit(make_run("a", 3, a, 10.0).pixel_values))
-        assert torch.equal(got_b[0].features, fake_vit(make_run("b", 2, b, 100.0).pixel_values))
+        expected_a = fake_vit(make_run("a", 3, a, 10.0).pixel_values).quarter
+        expected_b = fake_vit(make_run("b", 2, b, 100.0).pixel_values).quarter
+        assert torch.equal(got_a[0].features.quarter, expected_a)
+        assert torch.equal(got_b[0].features.quarter, expected_b)
 
     asyncio.run(scenario())
 
@@ -57,9 +64,9 @@ def test_a_run_larger_than_a_batch_is_split_in_order() -> None:
     async def scenario() -> None:
         batches: list[int] = []
 
-        def vit(pixels: torch.Tensor) -> torch.Tensor:
+        def vit(pixels: torch.Tensor, with_vir: bool) -> TileFeatures:
             batches.append(pixels.shape[0])
-            return fake_vit(pixels)
+            return fake_vit(pixels, with_vir)
 
         batcher = TileBatcher(vit, max_batch_tiles=4, max_wait_ms=0)
         batcher.start()
@@ -70,21 +77,21 @@ def test_a_run_larger_than_a_batch_is_split_in_order() -> None:
         await batcher.stop()
         assert batches == [4, 4, 2]
         assert [r.first_tile for r in results] == [0, 4, 8]
-        merged = torch.cat([r.features for r in results])
-        assert torch.equal(merged, fake_vit(run.pixel_values))
+        merged = TileFeatures.cat([r.features for r in results])
+        assert torch.equal(merged.quarter, fake_vit(run.pixel_values).quarter)
 
     asyncio.run(scenario())
 
 
 def test_cancelled_runs_are_skipped_and_errors_reach_every_request_in_the_batch() -> None:
     async def scenario() -> None:
-        def broken(pixels: torch.Tensor) -> torch.Tensor:
+        def broken(pixels: torch.Tensor, with_vir: bool) -> TileFeatures:
             raise RuntimeError("out of memory")
 
         batcher = TileBatcher(broken, max_batch_tiles=8, max_wait_ms=20)
         a, b, c = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
         skipped = make_run("c", 1, c, 0.0)
-        skipped.cancelled = True
+        skipped.cancellation.cancelled = True
         batcher.submit(make_run("a", 1, a, 0.0))
         batcher.submit(skipped)
         batcher.submit(make_run("b", 1, b, 0.0))
@@ -103,3 +110,35 @@ def test_bad_limits_are_rejected() -> None:
         TileBatcher(fake_vit, max_batch_tiles=0, max_wait_ms=1)
     with pytest.raises(ValueError, match="max_wait_ms"):
         TileBatcher(fake_vit, max_batch_tiles=1, max_wait_ms=-1)
+
+
+def test_vir_is_computed_for_a_batch_when_any_run_asks_and_split_runs_share_cancellation() -> None:
+    async def scenario() -> None:
+        asked: list[bool] = []
+        release = threading.Event()
+
+        def vit(pixels: torch.Tensor, with_vir: bool) -> TileFeatures:
+            asked.append(with_vir)
+            release.wait(10)  # hold the first batch until the request is cancelled
+            return fake_vit(pixels, with_vir)
+
+        batcher = TileBatcher(vit, max_batch_tiles=3, max_wait_ms=20)
+        a, b = asyncio.Queue(), asyncio.Queue()
+        plain = make_run("a", 1, a, 1.0)
+        routed = make_run("b", 5, b, 2.0)
+        routed.with_vir = True
+        batcher.submit(plain)
+        batcher.submit(routed)
+        batcher.start()
+        while not asked:
+            await asyncio.sleep(0.01)
+        routed.cancellation.cancelled = True  # the split-off tail (3 tiles) must be skipped
+        release.set()
+        first = await asyncio.wait_for(b.get(), 10)
+        assert first.features.compress_probability is not None
+        assert (await asyncio.wait_for(a.get(), 10)).features.num_tiles == 1
+        await asyncio.sleep(0.2)
+        await batcher.stop()
+        assert asked == [True]
+
+    asyncio.run(scenario())

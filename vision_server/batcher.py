@@ -15,11 +15,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from vision_server.tile_features import TileFeatures
+
 log = logging.getLogger(__name__)
+
+
+class Cancellation:
+    """Shared by every run of a request, so runs split off later see it too."""
+
+    cancelled = False
 
 
 @dataclass
@@ -31,29 +39,19 @@ class TileRun:
     first_tile: int
     pixel_values: torch.Tensor  # [tiles, 3, S, S]
     sink: asyncio.Queue[EncodedTiles | BaseException]
+    with_vir: bool = False  # also compute ViR's 1/16 features and router probabilities
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
-    cancelled: bool = False
+    cancellation: Cancellation = field(default_factory=Cancellation)
 
     @property
     def num_tiles(self) -> int:
         return int(self.pixel_values.shape[0])
 
     def split(self, tiles: int) -> tuple[TileRun, TileRun]:
-        head = TileRun(
-            self.request_id,
-            self.image_index,
-            self.first_tile,
-            self.pixel_values[:tiles],
-            self.sink,
-            self.enqueued_ns,
-        )
-        tail = TileRun(
-            self.request_id,
-            self.image_index,
-            self.first_tile + tiles,
-            self.pixel_values[tiles:],
-            self.sink,
-            self.enqueued_ns,
+        """The first `tiles` tiles and the rest; both keep the request's sink and cancellation."""
+        head = replace(self, pixel_values=self.pixel_values[:tiles])
+        tail = replace(
+            self, first_tile=self.first_tile + tiles, pixel_values=self.pixel_values[tiles:]
         )
         return head, tail
 
@@ -64,7 +62,7 @@ class EncodedTiles:
 
     image_index: int
     first_tile: int
-    features: torch.Tensor  # [tiles, tokens, hidden]
+    features: TileFeatures
     queue_ns: int
     encode_ns: int
     batch_tiles: int
@@ -73,7 +71,7 @@ class EncodedTiles:
 class TileBatcher:
     def __init__(
         self,
-        encode: Callable[[torch.Tensor], torch.Tensor],
+        encode: Callable[[torch.Tensor, bool], TileFeatures],
         max_batch_tiles: int,
         max_wait_ms: float,
     ) -> None:
@@ -135,7 +133,7 @@ class TileBatcher:
         batch: list[TileRun] = []
         while self._pending and capacity > 0:
             run = self._pending.popleft()
-            if run.cancelled:
+            if run.cancellation.cancelled:
                 continue
             if run.num_tiles > capacity:
                 run, rest = run.split(capacity)
@@ -146,10 +144,11 @@ class TileBatcher:
 
     async def _run(self, batch: list[TileRun]) -> None:
         pixels = torch.cat([run.pixel_values for run in batch])
+        with_vir = any(run.with_vir for run in batch)
         started = time.monotonic_ns()
         try:
             features = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._encode, pixels
+                self._executor, self._encode, pixels, with_vir
             )
         except Exception as exc:  # delivered to every request in the batch
             log.exception("ViT batch of %d tiles failed", pixels.shape[0])

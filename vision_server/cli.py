@@ -47,7 +47,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "upper bound on tiles per image; 0 uses the checkpoint's max_dynamic_patch",
     )
     add_flag(parser, COMMAND, "--metrics-port", 0, "Prometheus /metrics port; 0 disables it")
-    add_flag(parser, COMMAND, "--transport", "grpc", "feature transport: grpc")
+    add_flag(
+        parser,
+        COMMAND,
+        "--transport",
+        "grpc,shm",
+        "feature transports this server accepts, comma-separated (grpc, shm, rdma); each "
+        "language server picks one per request",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--vir-mode",
+        "auto",
+        "default tile resolution: router (ViR, -Flash models), always-1/4, always-1/16; "
+        "auto picks router on -Flash checkpoints with flash_mode on, else always-1/4",
+    )
     add_flag(parser, COMMAND, "--log-level", "info", "logging level")
     parser.set_defaults(func=run)
 
@@ -73,5 +88,6 @@ def run(args: argparse.Namespace) -> int:
         max_tiles=args.max_tiles,
         metrics_port=args.metrics_port,
         transport=args.transport,
+        vir_mode=args.vir_mode,
     )
     return run_server(config)

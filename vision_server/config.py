@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dvd.transport import parse_names as parse_transports
+from dvd.vir_mode import NAMES as VIR_NAMES
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -20,7 +23,8 @@ class VisionServerConfig:
     max_image_pixels: int = 40_000_000
     max_tiles: int = 0  # 0: the checkpoint's max_dynamic_patch
     metrics_port: int = 0  # 0: no metrics endpoint
-    transport: str = "grpc"
+    transport: str = "grpc,shm"  # transports this server accepts, comma-separated
+    vir_mode: str = "auto"  # auto: the router on -Flash checkpoints, else always-1/4
 
     def __post_init__(self) -> None:
         checks = {
@@ -37,8 +41,9 @@ class VisionServerConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"vision server: invalid {name}={getattr(self, name)!r}")
-        if self.transport != "grpc":
-            raise ValueError(f"vision server: unknown transport {self.transport!r} (grpc)")
+        if self.vir_mode not in ("auto", *VIR_NAMES):
+            raise ValueError(f"vision server: vir_mode must be auto or one of {VIR_NAMES}")
+        parse_transports(self.transport)  # ValueError naming the unknown one
 
     @property
     def address(self) -> str:

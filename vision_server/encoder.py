@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from dvd.checkpoint import CheckpointWeights, InternVLConfig
+from dvd.errors import InvalidInput
+from dvd.vir_mode import VirMode
 from vision_server.model import InternVLVision
+from vision_server.tile_features import TileFeatures
 from vision_server.tiling import TiledImage, decode_image, tile_image
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,27 @@ class VisionEncoder:
         )
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[tiles, 3, S, S] -> [tiles, tokens_per_tile, hidden] on the CPU, in self.dtype."""
+    def encode(self, pixel_values: torch.Tensor, with_vir: bool = False) -> TileFeatures:
+        """Tiles [n, 3, S, S] -> their features on the CPU, in self.dtype.
+
+        with_vir adds the 1/16 features and the router's probabilities (-Flash only).
+        """
         pixels = pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        return self.model(pixels).to("cpu")
+        out = self.model.encode_tiles(pixels, with_vir)
+        return TileFeatures(
+            out.quarter.to("cpu"),
+            None if out.sixteenth is None else out.sixteenth.to("cpu"),
+            None if out.compress_probability is None else out.compress_probability.to("cpu"),
+        )
+
+    def default_mode(self) -> VirMode:
+        """ViR's router on -Flash checkpoints whose config turns it on, else 1/4 for all."""
+        flash = self.config.flash
+        return VirMode.ROUTER if flash is not None and flash.enabled else VirMode.QUARTER
+
+    def check_mode(self, mode: VirMode) -> None:
+        if mode is not VirMode.QUARTER and not self.config.has_router:
+            raise InvalidInput(
+                f"resolution mode {mode.value} needs an InternVL3.5-Flash "
+                f"checkpoint; {self.config.name} has no ViR"
+            )

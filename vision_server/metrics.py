@@ -29,6 +29,20 @@ class VisionMetrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.tiles_routed = Counter(
+            "dvd_vision_tiles_routed_total",
+            "Tiles sent at each resolution (1/4: 256 tokens, 1/16: 64 tokens per 448-px tile)",
+            ["resolution"],
+            registry=r,
+        )
+        self.visual_tokens = Counter(
+            "dvd_vision_visual_tokens_total", "Feature rows (LLM tokens) sent", registry=r
+        )
+        self.visual_tokens_saved = Counter(
+            "dvd_vision_visual_tokens_saved_total",
+            "Feature rows not sent because ViR compressed tiles to 1/16",
+            registry=r,
+        )
         self.batch_tiles = Histogram(
             "dvd_vision_batch_tiles",
             "Tiles per ViT batch",

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvd.checkpoint import InternVLConfig, VisionConfig
+from vision_server.tile_features import TileFeatures
+from vision_server.vir import CrossAttentionPooling, Gating, make_mlp2
 
 
 class RMSNorm(nn.Module):
@@ -150,7 +152,11 @@ def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class InternVLVision(nn.Module):
-    """ViT + pixel shuffle + mlp1: tiles [B, 3, 448, 448] -> features [B, tokens, llm_hidden]."""
+    """ViT + pixel shuffle + mlp1 (and, on -Flash checkpoints, ViR + mlp2).
+
+    `forward`: tiles [B, 3, 448, 448] -> 1/4-resolution features [B, 256, llm_hidden].
+    `encode_tiles` adds the 1/16 features and the router's probabilities when asked.
+    """
 
     def __init__(self, config: InternVLConfig) -> None:
         super().__init__()
@@ -167,11 +173,35 @@ class InternVLVision(nn.Module):
             nn.GELU(),
             nn.Linear(config.llm_hidden_size, config.llm_hidden_size),
         )
+        self.has_router = config.has_router
+        if self.has_router:
+            if self.select_layer != -1:
+                raise ValueError("ViR reads the ViT's last layer; select_layer must be -1")
+            self.mlp2 = make_mlp2(vit_hidden, config.llm_hidden_size)
+            self.pooling_before_gating = CrossAttentionPooling(vit_hidden)
+            self.gating = Gating(vit_hidden)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _patch_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT output without the CLS token, as [B, side, side, vit_hidden]."""
         hidden = self.vision_model(pixel_values, self.select_layer)[:, 1:, :]
         side = int(hidden.shape[1] ** 0.5)
-        hidden = hidden.reshape(hidden.shape[0], side, side, -1)
-        hidden = pixel_shuffle(hidden, self.scale)
-        hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
-        return self.mlp1(hidden)
+        return hidden.reshape(hidden.shape[0], side, side, -1)
+
+    def _project(self, grid: torch.Tensor, scale: float, mlp: nn.Module) -> torch.Tensor:
+        shuffled = pixel_shuffle(grid, scale)
+        return mlp(shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1]))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._project(self._patch_grid(pixel_values), self.scale, self.mlp1)
+
+    def encode_tiles(self, pixel_values: torch.Tensor, with_vir: bool) -> TileFeatures:
+        grid = self._patch_grid(pixel_values)
+        quarter = self._project(grid, self.scale, self.mlp1)
+        if not with_vir:
+            return TileFeatures(quarter)
+        if not self.has_router:
+            raise ValueError("this checkpoint has no ViR (not an InternVL3.5-Flash model)")
+        sixteenth = self._project(grid, self.scale * self.scale, self.mlp2)
+        tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+        probability = self.gating(self.pooling_before_gating(tokens))[:, 0]
+        return TileFeatures(quarter, sixteenth, probability)

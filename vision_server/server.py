@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 from dvd.checkpoint import load_config
 from dvd.features import parse_dtype
 from dvd.grpc_server import bind, new_server, serve_until_signal
+from dvd.transport import parse_names, sender_class
 from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import TileBatcher
 from vision_server.config import VisionServerConfig
@@ -29,7 +30,8 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     batcher = TileBatcher(encoder.encode, config.max_batch_tiles, config.max_wait_ms)
     batcher.start()
-    service = VisionService(config, encoder, batcher, metrics)
+    senders = {name: sender_class(name)() for name in parse_names(config.transport)}
+    service = VisionService(config, encoder, batcher, metrics, senders)
     server = new_server()
     vision_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
     bind(server, config.address)

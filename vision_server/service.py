@@ -5,22 +5,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import grpc
+import torch
 
+from dvd import vir_mode
 from dvd.errors import DvdError, InvalidInput
-from dvd.features import chunk_rows, torch_dtype
+from dvd.features import torch_dtype
 from dvd.grpc_options import MAX_CHUNK_BYTES
+from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
-from vision_server.batcher import EncodedTiles, TileBatcher, TileRun
+from dvd.vir_mode import VirMode
+from vision_server.batcher import Cancellation, EncodedTiles, TileBatcher, TileRun
 from vision_server.config import VisionServerConfig
 from vision_server.encoder import TilingLimits, VisionEncoder
 from vision_server.metrics import VisionMetrics
+from vision_server.tile_features import TileFeatures, fixed_compression, select_rows
 from vision_server.tiling import TiledImage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeProgress:
+    """What one Encode call has done so far; its timings end up in EncodeDone."""
+
+    started_ns: int
+    preprocess_ns: int = 0
+    queue_ns: int = 0
+    encode_ns: int = 0
+    transfer_ns: int = 0
+    tiles_expected: int = 0
+    tiles_done: int = 0
+    tiles_compressed: int = 0
+    rows_sent: int = 0
+    tiled: list[TiledImage] = field(default_factory=list)
+    # Router mode holds each image's tile features until every tile has been scored.
+    held: dict[int, list[EncodedTiles]] = field(default_factory=dict)
 
 
 class VisionService(vision_pb2_grpc.VisionServiceServicer):
@@ -30,18 +54,41 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         encoder: VisionEncoder,
         batcher: TileBatcher,
         metrics: VisionMetrics,
+        senders: dict[str, FeatureSender],
     ) -> None:
         self.config = config
+        self.senders = senders
         self.encoder = encoder
         self.batcher = batcher
         self.metrics = metrics
         self._preprocess_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         ckpt = encoder.config
         self.max_tiles = config.max_tiles or ckpt.max_dynamic_patch
+        self.default_mode = (
+            vir_mode.parse(config.vir_mode) if config.vir_mode != "auto" else encoder.default_mode()
+        )
+        encoder.check_mode(self.default_mode)
         self.ready = True
 
     def close(self) -> None:
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        for sender in self.senders.values():
+            sender.close()
+
+    def _emission(self, request: vision_pb2.EncodeRequest) -> Emission:
+        """The transport the request's destination names (grpc when it names none)."""
+        kind = request.destination.WhichOneof("kind")
+        name = DESTINATION_KINDS[kind] if kind else "grpc"
+        sender = self.senders.get(name)
+        if sender is None:
+            raise InvalidInput(
+                f"transport {name} is not enabled on this vision server "
+                f"(enabled: {', '.join(self.senders)})"
+            )
+        try:
+            return sender.open(request)
+        except ValueError as exc:
+            raise InvalidInput(f"{name} destination: {exc}") from None
 
     def _limits(self, image: vision_pb2.ImageInput) -> TilingLimits:
         ckpt = self.encoder.config
@@ -53,7 +100,8 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             self.config.max_image_pixels,
         )
 
-    def _validate(self, request: vision_pb2.EncodeRequest) -> None:
+    def _mode(self, request: vision_pb2.EncodeRequest) -> VirMode:
+        """Checks the request and returns the resolution mode its tiles get."""
         if not request.images:
             raise InvalidInput("Encode needs at least one image")
         if len(request.images) > self.config.max_images_per_request:
@@ -63,23 +111,28 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             )
         try:
             wanted = torch_dtype(request.feature_dtype)
+            mode = vir_mode.from_wire(request.vir_mode) or self.default_mode
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         if wanted != self.encoder.dtype:
             raise InvalidInput(
                 f"features are produced in {self.encoder.dtype}, request asked for {wanted}"
             )
+        self.encoder.check_mode(mode)
+        return mode
 
     async def Encode(
         self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vision_pb2.EncodeResponse]:
-        started = time.monotonic_ns()
+        progress = EncodeProgress(started_ns=time.monotonic_ns())
+        cancellation = Cancellation()
+        emission: Emission | None = None
         self.metrics.in_flight.inc()
-        runs: list[TileRun] = []
         status = "ok"
         try:
-            self._validate(request)
-            async for message in self._encode(request, runs, started):
+            mode = self._mode(request)
+            emission = self._emission(request)
+            async for message in self._encode(request, mode, progress, cancellation, emission):
                 yield message
         except DvdError as exc:
             status = exc.code.name.lower()
@@ -90,85 +143,151 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             log.info("encode %s cancelled by the caller", request.request_id)
             raise
         finally:
-            for run in runs:
-                run.cancelled = True
+            cancellation.cancelled = True  # tiles still queued are skipped
+            if emission is not None:
+                emission.close()
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(status).inc()
 
     async def _encode(
-        self, request: vision_pb2.EncodeRequest, runs: list[TileRun], started: int
+        self,
+        request: vision_pb2.EncodeRequest,
+        mode: VirMode,
+        progress: EncodeProgress,
+        cancellation: Cancellation,
+        emission: Emission,
     ) -> AsyncIterator[vision_pb2.EncodeResponse]:
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[EncodedTiles | BaseException] = asyncio.Queue()
         max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
-        tiles_expected = 0
-        preprocess_ns = 0
+        streaming = mode is not VirMode.ROUTER
         # Tile image i+1 while image i's tiles are already queued for the ViT.
         for index, image in enumerate(request.images):
             t0 = time.monotonic_ns()
             tiled: TiledImage = await loop.run_in_executor(
                 self._preprocess_pool, self.encoder.preprocess, image.data, self._limits(image)
             )
-            preprocess_ns += time.monotonic_ns() - t0
-            run = TileRun(request.request_id, index, 0, tiled.pixel_values, sink)
-            runs.append(run)
+            progress.preprocess_ns += time.monotonic_ns() - t0
+            progress.tiled.append(tiled)
+            progress.tiles_expected += tiled.num_tiles
+            run = TileRun(
+                request.request_id,
+                index,
+                0,
+                tiled.pixel_values,
+                sink,
+                with_vir=mode is not VirMode.QUARTER,
+                cancellation=cancellation,
+            )
             self.batcher.submit(run)
-            tiles_expected += tiled.num_tiles
-            yield vision_pb2.EncodeResponse(plan=self._plan(index, tiled))
-        queue_ns = encode_ns = transfer_ns = 0
-        tiles_done = rows_sent = 0
-        while tiles_done < tiles_expected:
+            if streaming:
+                tokens = self._fixed_tokens(mode, tiled.num_tiles)
+                yield vision_pb2.EncodeResponse(plan=self._plan(index, tiled, tokens))
+        while progress.tiles_done < progress.tiles_expected:
             result = await sink.get()
             if isinstance(result, BaseException):
                 raise result
-            queue_ns = max(queue_ns, result.queue_ns)
-            encode_ns += result.encode_ns
-            self.metrics.batch_tiles.observe(result.batch_tiles)
-            t0 = time.monotonic_ns()
-            features = result.features.reshape(-1, result.features.shape[-1])
-            first_row = result.first_tile * self.encoder.tokens_per_tile
-            for chunk in chunk_rows(features, first_row, max_chunk):
-                yield vision_pb2.EncodeResponse(
-                    chunk=vision_pb2.FeatureChunk(
-                        image_index=result.image_index,
-                        row_offset=chunk.row_offset,
-                        descriptor=chunk.descriptor,
-                        data=chunk.data,
-                    )
-                )
-                self.metrics.feature_bytes.inc(len(chunk.data))
-            transfer_ns += time.monotonic_ns() - t0
-            tiles_done += result.features.shape[0]
-            rows_sent += features.shape[0]
+            self._account(progress, result)
+            if streaming:
+                compress = fixed_compression(mode, result.features.num_tiles)
+                rows, tokens = result.features.rows(compress)
+                first_row = sum(self._fixed_tokens(mode, result.first_tile))
+                for message in self._chunks(
+                    emission, result.image_index, first_row, rows, max_chunk, progress
+                ):
+                    yield message
+                self._count_tiles(progress, tokens)
+            else:
+                progress.held.setdefault(result.image_index, []).append(result)
+        if not streaming:
+            for message in self._routed(emission, progress, max_chunk):
+                yield message
+        yield vision_pb2.EncodeResponse(done=self._done(progress, len(request.images)))
+
+    def _fixed_tokens(self, mode: VirMode, tiles: int) -> list[int]:
+        full = self.encoder.tokens_per_tile
+        return [full // 4 if mode is VirMode.SIXTEENTH else full] * tiles
+
+    def _account(self, progress: EncodeProgress, result: EncodedTiles) -> None:
+        progress.queue_ns = max(progress.queue_ns, result.queue_ns)
+        progress.encode_ns += result.encode_ns
+        progress.tiles_done += result.features.num_tiles
+        self.metrics.batch_tiles.observe(result.batch_tiles)
+
+    def _routed(
+        self, emission: Emission, progress: EncodeProgress, max_chunk: int
+    ) -> Iterator[vision_pb2.EncodeResponse]:
+        """Router mode: decide over all of the request's tiles, then send image by image."""
+        images = []
+        for index in range(len(progress.tiled)):
+            parts = sorted(progress.held.pop(index), key=lambda part: part.first_tile)
+            images.append(TileFeatures.cat([part.features for part in parts]))
+        selected = select_rows(VirMode.ROUTER, images, self.encoder.config.flash)
+        for index, (rows, tokens) in enumerate(selected):
+            yield vision_pb2.EncodeResponse(plan=self._plan(index, progress.tiled[index], tokens))
+            yield from self._chunks(emission, index, 0, rows, max_chunk, progress)
+            self._count_tiles(progress, tokens)
+
+    def _chunks(
+        self,
+        emission: Emission,
+        image_index: int,
+        first_row: int,
+        rows: torch.Tensor,
+        max_chunk: int,
+        progress: EncodeProgress,
+    ) -> Iterator[vision_pb2.EncodeResponse]:
+        """One image's rows through the transport; the time counted includes handing the
+        messages to gRPC (and, for shm/rdma, writing the bytes)."""
+        started = time.monotonic_ns()
+        try:
+            for chunk in emission.chunks(image_index, first_row, rows, max_chunk):
+                self.metrics.feature_bytes.inc(len(chunk.data) or chunk.written.length)
+                yield vision_pb2.EncodeResponse(chunk=chunk)
+        except ValueError as exc:
+            raise InvalidInput(f"cannot deliver features: {exc}") from None
+        progress.transfer_ns += time.monotonic_ns() - started
+
+    def _count_tiles(self, progress: EncodeProgress, tokens: list[int]) -> None:
+        full = self.encoder.tokens_per_tile
+        compressed = sum(1 for t in tokens if t < full)
+        progress.tiles_compressed += compressed
+        progress.rows_sent += sum(tokens)
+        self.metrics.tiles_routed.labels("1/16").inc(compressed)
+        self.metrics.tiles_routed.labels("1/4").inc(len(tokens) - compressed)
+        self.metrics.visual_tokens.inc(sum(tokens))
+        self.metrics.visual_tokens_saved.inc(full * len(tokens) - sum(tokens))
+
+    def _done(self, progress: EncodeProgress, images: int) -> vision_pb2.EncodeDone:
         timings = vision_pb2.EncodeTimings(
-            preprocess_ns=preprocess_ns,
-            queue_ns=queue_ns,
-            encode_ns=encode_ns,
-            transfer_ns=transfer_ns,
-            total_ns=time.monotonic_ns() - started,
+            preprocess_ns=progress.preprocess_ns,
+            queue_ns=progress.queue_ns,
+            encode_ns=progress.encode_ns,
+            transfer_ns=progress.transfer_ns,
+            total_ns=time.monotonic_ns() - progress.started_ns,
         )
-        self._observe(timings, len(request.images), tiles_done)
-        yield vision_pb2.EncodeResponse(
-            done=vision_pb2.EncodeDone(timings=timings, num_tiles=tiles_done, num_tokens=rows_sent)
+        self.metrics.images.inc(images)
+        self.metrics.tiles.inc(progress.tiles_done)
+        for stage in ("preprocess", "queue", "encode", "transfer", "total"):
+            self.metrics.stage.labels(stage).observe(getattr(timings, f"{stage}_ns") / 1e9)
+        return vision_pb2.EncodeDone(
+            timings=timings,
+            num_tiles=progress.tiles_done,
+            num_tokens=progress.rows_sent,
+            tiles_compressed=progress.tiles_compressed,
         )
 
-    def _plan(self, index: int, tiled: TiledImage) -> vision_pb2.ImagePlan:
+    def _plan(self, index: int, tiled: TiledImage, tokens: list[int]) -> vision_pb2.ImagePlan:
         return vision_pb2.ImagePlan(
             image_index=index,
             num_tiles=tiled.num_tiles,
             grid_cols=tiled.grid_cols,
             grid_rows=tiled.grid_rows,
-            tokens_per_tile=[self.encoder.tokens_per_tile] * tiled.num_tiles,
+            tokens_per_tile=tokens,
             hidden_size=self.encoder.hidden_size,
             width=tiled.width,
             height=tiled.height,
         )
-
-    def _observe(self, timings: vision_pb2.EncodeTimings, images: int, tiles: int) -> None:
-        self.metrics.images.inc(images)
-        self.metrics.tiles.inc(tiles)
-        for stage in ("preprocess", "queue", "encode", "transfer", "total"):
-            self.metrics.stage.labels(stage).observe(getattr(timings, f"{stage}_ns") / 1e9)
 
     async def Info(
         self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext
@@ -183,11 +302,27 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             max_tiles=self.max_tiles,
             use_thumbnail=ckpt.use_thumbnail,
             device=str(self.encoder.device),
-            transport=self.config.transport,
+            transport=",".join(self.senders),
             max_batch_tiles=self.batcher.max_batch_tiles,
             max_wait_ms=int(self.config.max_wait_ms),
             max_image_pixels=self.config.max_image_pixels,
+            has_router=ckpt.has_router,
+            default_vir_mode=vir_mode.to_wire(self.default_mode),
         )
+
+    async def RdmaConnect(
+        self, request: vision_pb2.RdmaConnectRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.RdmaConnectResponse:
+        sender = self.senders.get("rdma")
+        if sender is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "the rdma transport is not enabled on this server"
+            )
+        try:
+            return sender.connect(request)  # type: ignore[union-attr]
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rdma connect: {exc}")
+            raise  # abort raises; this keeps type checkers informed
 
     async def Health(
         self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext

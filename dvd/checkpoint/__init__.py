@@ -33,7 +33,7 @@ Sources the names, shapes, config keys and tokenizer facts were checked against:
   (no token ids) for the original releases and 126 bytes (bos 151643, eos 151645) for -hf.
 """
 
-from dvd.checkpoint.config import InternVLConfig, VisionConfig, load_config
+from dvd.checkpoint.config import FlashConfig, InternVLConfig, VisionConfig, load_config
 from dvd.checkpoint.make import make_checkpoint
 from dvd.checkpoint.presets import PRESETS, Preset
 from dvd.checkpoint.weights import CheckpointWeights
@@ -41,6 +41,7 @@ from dvd.checkpoint.weights import CheckpointWeights
 __all__ = [
     "PRESETS",
     "CheckpointWeights",
+    "FlashConfig",
     "InternVLConfig",
     "Preset",
     "VisionConfig",

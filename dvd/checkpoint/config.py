@@ -116,6 +116,26 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class FlashConfig:
+    """InternVL3.5-Flash's Visual Resolution Router (ViR) settings from config.json.
+
+    `flash_mode` switches the router on; a tile is compressed to 1/16 when its router
+    probability is above the `relative_threshold` quantile of the request's tiles and at
+    least `absolute_threshold`.
+    """
+
+    enabled: bool
+    relative_threshold: float
+    absolute_threshold: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.relative_threshold <= 1:
+            raise ValueError(f"flash_relative_threshold {self.relative_threshold} not in [0, 1]")
+        if not 0 <= self.absolute_threshold <= 1:
+            raise ValueError(f"flash_absolute_threshold {self.absolute_threshold} not in [0, 1]")
+
+
+@dataclass(frozen=True)
 class InternVLConfig:
     """What the servers need to know about a checkpoint, whichever layout it is stored in."""
 
@@ -134,6 +154,7 @@ class InternVLConfig:
     img_start_token: str = "<img>"
     img_end_token: str = "</img>"
     img_context_token: str = "<IMG_CONTEXT>"
+    flash: FlashConfig | None = None  # set on -Flash checkpoints (they carry the ViR weights)
 
     def __post_init__(self) -> None:
         if self.layout not in (ORIGINAL, HF):
@@ -160,6 +181,16 @@ class InternVLConfig:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def has_router(self) -> bool:
+        """Whether the checkpoint carries ViR (mlp2, pooling and gating weights)."""
+        return self.flash is not None
+
+    @property
+    def compressed_tokens_per_tile(self) -> int:
+        """LLM tokens of a tile that ViR compresses to 1/16 (64 for 448 px / 14 px)."""
+        return self.tokens_per_tile // 4
 
 
 def load_config(path: str | Path) -> InternVLConfig:
@@ -203,7 +234,25 @@ def _load_original(folder: Path, config_file: Path, raw: dict[str, Any]) -> Inte
         max_dynamic_patch=int(top["max_dynamic_patch"]),
         use_thumbnail=bool(top["use_thumbnail"]),
         image_size=int(image_size),
+        flash=_flash(config_file, raw),
     )
+
+
+def _flash(config_file: Path, raw: dict[str, Any]) -> FlashConfig | None:
+    """-Flash checkpoints have a `flash_mode` key and the router's two thresholds.
+
+    With flash_mode off the router is still usable on request when the thresholds are
+    there; without them it is not (None).
+    """
+    if raw.get("flash_mode") is None:
+        return None
+    keys = ("flash_relative_threshold", "flash_absolute_threshold")
+    enabled = bool(raw["flash_mode"])
+    if not enabled and any(key not in raw for key in keys):
+        return None
+    for key in keys:
+        _require(config_file, raw, key)
+    return FlashConfig(enabled, *(_number(config_file, raw, key) for key in keys))
 
 
 def _load_hf(folder: Path, config_file: Path, raw: dict[str, Any]) -> InternVLConfig:

@@ -50,7 +50,17 @@ def llm_config(preset: Preset, ids: TokenIds) -> dict[str, Any]:
 
 
 def original_config(preset: Preset, ids: TokenIds) -> dict[str, Any]:
-    """config.json of the original (InternVLChatModel) layout."""
+    """config.json of the original (InternVLChatModel) layout (-Flash keys when it has ViR)."""
+    config = _original_config(preset, ids)
+    if preset.flash_thresholds is not None:
+        relative, absolute = preset.flash_thresholds
+        config["flash_mode"] = True
+        config["flash_relative_threshold"] = relative
+        config["flash_absolute_threshold"] = absolute
+    return dict(sorted(config.items()))
+
+
+def _original_config(preset: Preset, ids: TokenIds) -> dict[str, Any]:
     return {
         "architectures": ["InternVLChatModel"],
         "auto_map": {

@@ -39,6 +39,10 @@ def make_checkpoint(
     if layout not in (ORIGINAL, HF):
         raise ValueError(f"layout {layout!r} is not {ORIGINAL}|{HF}")
     spec = get_preset(preset)
+    if layout == HF and spec.flash_thresholds is not None:
+        raise ValueError(
+            f"preset {preset!r} has ViR, and -Flash models have no -HF layout in transformers"
+        )
     target = Path(out)
     _check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,13 @@ def llm_weight_name(stored_name: str) -> str | None:
     return None
 
 
+VIR_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
+"""InternVL3.5-Flash's Visual Resolution Router: the 1/16 projector, pooling and gating."""
+
+
 def is_original_vision_name(stored_name: str) -> bool:
-    """vision_model.* and mlp1.* (not mlp2.* or the -Flash router, which ViR uses apart)."""
-    return stored_name.startswith(("vision_model.", "mlp1."))
+    """vision_model.*, mlp1.* and, on -Flash checkpoints, the ViR weights."""
+    return stored_name.startswith(("vision_model.", "mlp1.", *VIR_PREFIXES))
 
 
 def is_hf_vision_name(stored_name: str) -> bool:

@@ -20,7 +20,10 @@ of the split deployment has the same balance between its two stages as a real 2B
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+VIR_POOLING_HEADS = 16
+"""InternVL3.5-Flash's router pools each tile with 16-head cross-attention (fixed in its code)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class Preset:
     llm_intermediate: int
     llm_max_position_embeddings: int
     tie_word_embeddings: bool
+    # InternVL3.5-Flash: the Visual Resolution Router and its thresholds (None: no ViR)
+    flash_thresholds: tuple[float, float] | None = None  # (relative, absolute)
     # fixed by InternVL3.5; kept here so the FLOP estimates below are self-contained
     image_size: int = 448
     patch_size: int = 14
@@ -59,6 +64,11 @@ class Preset:
         # and then kills the engine on the first request.
         if self.llm_head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
             raise ValueError(f"llm_head_dim {self.llm_head_dim} is not supported by vLLM on CPU")
+        if self.flash_thresholds is not None and self.vit_hidden % VIR_POOLING_HEADS:
+            raise ValueError(
+                f"vit_hidden {self.vit_hidden} is not a multiple of ViR's "
+                f"{VIR_POOLING_HEADS} pooling heads"
+            )
         if self.vit_norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"vit_norm_type {self.vit_norm_type!r} is not layer_norm|rms_norm")
 
@@ -125,6 +135,13 @@ PRESETS: dict[str, Preset] = {
         tie_word_embeddings=False,
     ),
 }
+
+
+# The tiny router's thresholds: the median of a request's tiles and a low absolute bar, so a
+# many-tile image gets a mix of 1/4 and 1/16 tiles. The real releases' values are read from
+# their config.json; these are only for tests.
+PRESETS["tiny-flash"] = replace(PRESETS["tiny"], name="tiny-flash", flash_thresholds=(0.5, 0.05))
+PRESETS["small-flash"] = replace(PRESETS["small"], name="small-flash", flash_thresholds=(0.5, 0.05))
 
 
 def get_preset(name: str) -> Preset:

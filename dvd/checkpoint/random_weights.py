@@ -62,6 +62,8 @@ def random_state_dict(
     init = _Init(seed)
     _vision(init, preset)
     _projector(init, preset)
+    if preset.flash_thresholds is not None:
+        _vir(init, preset)
     _llm(init, preset, vocab_size)
     state = init.out
     head = "language_model.lm_head.weight"
@@ -107,6 +109,38 @@ def _projector(init: _Init, p: Preset) -> None:
     init.norm("mlp1.0", shuffled, bias=True)
     init.linear("mlp1.1", p.llm_hidden, shuffled, bias=True)
     init.linear("mlp1.3", p.llm_hidden, p.llm_hidden, bias=True)
+
+
+def _vir(init: _Init, p: Preset) -> None:
+    """InternVL3.5-Flash's router and 1/16 projector, with the original code's names.
+
+    mlp2 = LayerNorm(16d) -> Linear(16d, 2h) -> GELU -> Dropout -> Linear(2h, 2h) -> GELU ->
+    Dropout -> Linear(2h, h). pooling_before_gating: a learned query and four
+    nn.MultiheadAttention + LayerNorm pairs. gating: four residual blocks (Linear(d, 4d) ->
+    GELU -> Dropout -> Linear(4d, d) -> Dropout -> LayerNorm(d)) and a LayerNorm + Linear(d, 2)
+    gate. The gate's weights are wide so that tiles get clearly different probabilities.
+    """
+    d, h = p.vit_hidden, p.llm_hidden
+    shuffled = d * 16
+    init.norm("mlp2.0", shuffled, bias=True)
+    init.linear("mlp2.1", 2 * h, shuffled, bias=True)
+    init.linear("mlp2.4", 2 * h, 2 * h, bias=True)
+    init.linear("mlp2.7", h, 2 * h, bias=True)
+    init.normal("pooling_before_gating.query_token", (1, d), 1.0)
+    for k in range(1, 5):
+        prefix = f"pooling_before_gating.attn{k}"
+        init.normal(f"{prefix}.in_proj_weight", (3 * d, d), 1 / math.sqrt(d))
+        init.normal(f"{prefix}.in_proj_bias", (3 * d,), 0.02)
+        init.linear(f"{prefix}.out_proj", d, d, bias=True)
+        init.norm(f"pooling_before_gating.norm{k}", d, bias=True)
+    for k in range(1, 5):
+        prefix = f"gating.block{k}"
+        init.linear(f"{prefix}.0", 4 * d, d, bias=True)
+        init.linear(f"{prefix}.3", d, 4 * d, bias=True)
+        init.norm(f"{prefix}.5", d, bias=True)
+    init.norm("gating.gate.0", d, bias=True)
+    init.normal("gating.gate.1.weight", (2, d), 4 / math.sqrt(d))
+    init.normal("gating.gate.1.bias", (2,), 0.02)
 
 
 def _llm(init: _Init, p: Preset, vocab_size: int) -> None:

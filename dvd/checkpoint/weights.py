@@ -46,7 +46,7 @@ class CheckpointWeights:
         return names.llm_weight_name(stored_name)
 
     def vision_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """vision_model.* and mlp1.* in original-layout names, whichever layout is stored.
+        """vision_model.*, mlp1.* (and ViR's weights) in original-layout names, any layout.
 
         -HF q/k/v projections are concatenated back into attn.qkv (q, k, v order, as
         transformers' converter split them).
