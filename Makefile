@@ -12,7 +12,7 @@ TORCH_INDEX ?= $(shell [ "$(VLLM_EXTRA)" = cpu ] && [ ! -d /opt/wheels ] && echo
 PYTEST_ARGS ?= -m "not slow"
 SERVE_ARGS ?=
 
-.PHONY: setup serve test lint typecheck pytest proto clean
+.PHONY: setup serve test lint typecheck pytest proto clean deploy-check images
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ lint: setup
 
 typecheck: setup
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy deploy/healthcheck.py tests/test_deploy.py
+
+# Offline checks of deploy/: compose, Kubernetes, Dockerfiles, dashboard (no servers started).
+deploy-check: setup
+	$(VENV)/bin/pytest tests/test_deploy.py -m "not integration"
+
+# Container images (needs a Docker engine with BuildKit).
+images:
+	docker build -f deploy/docker/Dockerfile.cpu -t dvd-serve:cpu .
+	docker build -f deploy/docker/Dockerfile.cuda -t dvd-serve:cuda .
 
 pytest: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -37,4 +37,6 @@ class BuildPyWithStubs(build_py):
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; `make proto` imports it
+    # Generate before setup() so package discovery sees dvd/v1 (wheels, not only editable).
+    generate_stubs()
     setup(cmdclass={"build_py": BuildPyWithStubs})

@@ -7,6 +7,8 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from benchmarks.serve.cli import register as register_serve
+    from benchmarks.transfer.cli import register as register_transfer
+    from benchmarks.vir import register as register_vir
 
     parser = subparsers.add_parser(
         "bench",
@@ -15,3 +17,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     tools = parser.add_subparsers(dest="bench_command", metavar="TOOL", required=True)
     register_serve(tools)
+    register_transfer(tools)
+    register_vir(tools)

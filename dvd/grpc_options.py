@@ -13,10 +13,13 @@ MAX_CHUNK_BYTES = 2 * 1024 * 1024
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest single gRPC message any dvd process sends or accepts (requests carry images)."""
 
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
+    # A dns:/// target naming a headless Service resolves to every pod: spread calls over
+    # all of them instead of gRPC's default of sticking to the first address.
+    ("grpc.lb_policy_name", "round_robin"),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
 

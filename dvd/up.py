@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -65,6 +66,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, COMMAND, "--kv-cache-gib", 2.0, "KV cache size in GiB")
     add_flag(parser, COMMAND, "--served-model-name", None, "model name clients use")
     add_flag(parser, COMMAND, "--ready-timeout-s", 600.0, "how long to wait for the stack")
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision-cpus",
+        "",
+        "CPU ids the vision server may run on, e.g. 0 or 0-3,8 (default: any)",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--language-cpus",
+        "",
+        "CPU ids the language server (and its vLLM engine) may run on (default: any)",
+    )
     add_flag(parser, COMMAND, "--log-level", "info", "logging level of every process")
     parser.set_defaults(func=run)
 
@@ -142,9 +157,29 @@ def _die_with_parent() -> None:
         pass
 
 
-def start(name: str, argv: list[str]) -> Child:
-    log.info("starting %s: %s", name, " ".join(argv))
-    return Child(name, subprocess.Popen(argv, preexec_fn=_die_with_parent))
+def parse_cpus(text: str) -> set[int]:
+    """ "0-3,8" -> {0, 1, 2, 3, 8}; empty means no pinning."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        try:
+            cpus.update(range(int(low), int(high or low) + 1))
+        except ValueError:
+            raise ValueError(f"CPU list {text!r}: {part!r} is not N or N-M") from None
+    return cpus
+
+
+def start(name: str, argv: list[str], cpus: set[int] | None = None) -> Child:
+    """Starts a child that dies with us and, when `cpus` is given, runs only on them
+    (its own children, e.g. vLLM's engine processes, inherit the affinity)."""
+    log.info("starting %s%s: %s", name, f" on CPUs {sorted(cpus)}" if cpus else "", " ".join(argv))
+
+    def prepare() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return Child(name, subprocess.Popen(argv, preexec_fn=prepare))
 
 
 def stop_all(children: list[Child], timeout_s: float = 20.0) -> None:
@@ -211,8 +246,12 @@ def run(args: argparse.Namespace) -> int:
     children: list[Child] = []
     code = 0
     try:
+        pinning = {
+            "vision": parse_cpus(args.vision_cpus),
+            "language": parse_cpus(args.language_cpus),
+        }
         for name, argv in commands(args, model):
-            children.append(start(name, argv))
+            children.append(start(name, argv, pinning.get(name)))
         code = supervise(children, f"http://{args.host}:{args.port}/ready", args.ready_timeout_s)
     except KeyboardInterrupt:
         log.info("stopping dvd-serve")

@@ -47,3 +47,17 @@ def coupled_stack(
     stack = start_stack(tiny_checkpoint, tmp_path_factory.mktemp("coupled-stack"), "--coupled")
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def shm_stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = start_stack(tiny_checkpoint, tmp_path_factory.mktemp("shm-stack"), "--transport", "shm")
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(params=["grpc", "shm"])
+def any_dvd_stack(request: pytest.FixtureRequest) -> Stack:
+    """The DvD stack over each feature transport this machine has."""
+    name = {"grpc": "dvd_stack", "shm": "shm_stack"}[request.param]
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]

@@ -38,8 +38,8 @@ def image_message(text: str, *images: bytes) -> dict:
     return {"role": "user", "content": parts}
 
 
-def test_text_chat_streaming_and_not_agree(dvd_stack: Stack) -> None:
-    api, model = client(dvd_stack), model_name(dvd_stack)
+def test_text_chat_streaming_and_not_agree(any_dvd_stack: Stack) -> None:
+    api, model = client(any_dvd_stack), model_name(any_dvd_stack)
     messages = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Name three colours."},
@@ -68,8 +68,10 @@ def test_text_chat_streaming_and_not_agree(dvd_stack: Stack) -> None:
     assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
 
 
-def test_image_chat_counts_image_tokens_in_usage(dvd_stack: Stack, tiny_checkpoint: Path) -> None:
-    api, model = client(dvd_stack), model_name(dvd_stack)
+def test_image_chat_counts_image_tokens_in_usage(
+    any_dvd_stack: Stack, tiny_checkpoint: Path
+) -> None:
+    api, model = client(any_dvd_stack), model_name(any_dvd_stack)
     text_only = api.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Describe it."}], max_tokens=4
     )
@@ -94,7 +96,7 @@ def test_image_chat_counts_image_tokens_in_usage(dvd_stack: Stack, tiny_checkpoi
 
 @pytest.mark.parametrize("case", ["text", *IMAGE_CASES, "two-images"])
 def test_dvd_equals_coupled_token_for_token(
-    case: str, dvd_stack: Stack, coupled_stack: Stack
+    case: str, any_dvd_stack: Stack, coupled_stack: Stack
 ) -> None:
     if case == "text":
         images: list[bytes] = []
@@ -103,7 +105,7 @@ def test_dvd_equals_coupled_token_for_token(
     else:
         images = [png_bytes(*IMAGE_CASES[case], seed=2)]
     messages = [chat_message("What is in the picture?", images)]
-    dvd_ids, dvd_usage = generate(dvd_stack.language_port, messages, max_tokens=16)
+    dvd_ids, dvd_usage = generate(any_dvd_stack.language_port, messages, max_tokens=16)
     coupled_ids, coupled_usage = generate(coupled_stack.language_port, messages, max_tokens=16)
     assert dvd_ids == coupled_ids
     assert dvd_usage == coupled_usage
@@ -113,41 +115,56 @@ def test_dvd_equals_coupled_token_for_token(
         client(s).chat.completions.create(
             model=model_name(s), messages=chat, max_tokens=16, temperature=0
         )
-        for s in (dvd_stack, coupled_stack)
+        for s in (any_dvd_stack, coupled_stack)
     ]
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
 
 
-def test_features_arrive_bit_identical(dvd_stack: Stack, tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_features_arrive_bit_identical(
+    transport: str, tiny_checkpoint: Path, request: pytest.FixtureRequest
+) -> None:
     import grpc
 
     from dvd.checkpoint import load_config
-    from dvd.features import FeatureAssembler
     from dvd.grpc_options import CHANNEL_OPTIONS
+    from dvd.transport import receiver_class
+    from dvd.transport.base import RequestShape
     from dvd.v1 import vision_pb2, vision_pb2_grpc
     from vision_server.encoder import TilingLimits, VisionEncoder
 
+    stack: Stack = request.getfixturevalue({"grpc": "dvd_stack", "shm": "shm_stack"}[transport])
+    receiver = receiver_class(transport)(**({"arena_bytes": 2**24} if transport == "shm" else {}))
+    reception = receiver.open(RequestShape("bits", [13 * 256 * 64 * 2], 64, torch.bfloat16))
     image = png_bytes(1024, 768, seed=9)
-    request = vision_pb2.EncodeRequest(
-        request_id="bits", images=[vision_pb2.ImageInput(data=image)], max_chunk_bytes=100_000
+    call = vision_pb2.EncodeRequest(
+        request_id="bits",
+        images=[vision_pb2.ImageInput(data=image)],
+        max_chunk_bytes=100_000,
+        destination=reception.destination,
     )
-    with grpc.insecure_channel(
-        f"127.0.0.1:{dvd_stack.vision_port}", options=CHANNEL_OPTIONS
-    ) as channel:
-        replies = list(vision_pb2_grpc.VisionServiceStub(channel).Encode(request, timeout=60))
-    plan = replies[0].plan
-    assert plan.num_tiles == 13 and (plan.grid_cols, plan.grid_rows) == (4, 3)
-    received = FeatureAssembler(sum(plan.tokens_per_tile), plan.hidden_size, torch.bfloat16)
-    for reply in replies[1:-1]:
-        assert len(reply.chunk.data) <= 100_000
-        received.add(reply.chunk.row_offset, reply.chunk.descriptor, reply.chunk.data)
-    assert received.complete
-    assert replies[-1].done.num_tokens == 13 * 256
+    try:
+        with grpc.insecure_channel(
+            f"127.0.0.1:{stack.vision_port}", options=CHANNEL_OPTIONS
+        ) as channel:
+            replies = list(vision_pb2_grpc.VisionServiceStub(channel).Encode(call, timeout=60))
+        plan = replies[0].plan
+        assert plan.num_tiles == 13 and (plan.grid_cols, plan.grid_rows) == (4, 3)
+        reception.on_plan(plan)
+        for reply in replies[1:-1]:
+            assert len(reply.chunk.data) <= 100_000
+            assert bool(reply.chunk.data) == (transport == "grpc")
+            reception.on_chunk(reply.chunk)
+        (received,) = reception.features()
+        assert replies[-1].done.num_tokens == 13 * 256
 
-    encoder = VisionEncoder(load_config(tiny_checkpoint), "cpu", torch.bfloat16)
-    tiles = encoder.preprocess(image, TilingLimits(1, 12, True, 10**8))
-    produced = encoder.encode(tiles.pixel_values).quarter.reshape(-1, plan.hidden_size)
-    assert torch.equal(received.tensor.view(torch.int16), produced.view(torch.int16))
+        encoder = VisionEncoder(load_config(tiny_checkpoint), "cpu", torch.bfloat16)
+        tiles = encoder.preprocess(image, TilingLimits(1, 12, True, 10**8))
+        produced = encoder.encode(tiles.pixel_values).quarter.reshape(-1, plan.hidden_size)
+        assert torch.equal(received.view(torch.int16), produced.view(torch.int16))
+    finally:
+        reception.release()
+        receiver.close()
 
 
 def _post(stack: Stack, body: bytes | dict) -> httpx.Response:
@@ -216,57 +233,61 @@ def _bad_requests(model: str) -> dict[str, tuple[bytes | dict, int]]:
 
 @pytest.mark.parametrize("case", list(_bad_requests("m")))
 def test_bad_input_gets_an_openai_error_and_the_stack_stays_healthy(
-    case: str, dvd_stack: Stack
+    case: str, any_dvd_stack: Stack
 ) -> None:
-    body, status = _bad_requests(model_name(dvd_stack))[case]
-    response = _post(dvd_stack, body)
+    body, status = _bad_requests(model_name(any_dvd_stack))[case]
+    response = _post(any_dvd_stack, body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and "type" in error and "code" in error and "param" in error
     if case == "unknown model":
         assert error["code"] == "model_not_found"
-    assert http_status(dvd_stack.base_url + "/ready") == 200
-    ok = client(dvd_stack).chat.completions.create(
-        model=model_name(dvd_stack),
+    assert http_status(any_dvd_stack.base_url + "/ready") == 200
+    ok = client(any_dvd_stack).chat.completions.create(
+        model=model_name(any_dvd_stack),
         messages=[image_message("ok?", png_bytes(64, 64))],
         max_tokens=2,
     )
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_client_that_goes_away_leaves_the_stack_healthy(dvd_stack: Stack) -> None:
+def test_a_client_that_goes_away_leaves_the_stack_healthy(any_dvd_stack: Stack) -> None:
     body = {
-        "model": model_name(dvd_stack),
+        "model": model_name(any_dvd_stack),
         "stream": True,
         "max_tokens": 2000,
         "messages": [image_message("go on", png_bytes(1024, 768, seed=4))],
         "ignore_eos": True,
     }
     with httpx.stream(
-        "POST", dvd_stack.base_url + "/v1/chat/completions", json=body, timeout=60
+        "POST", any_dvd_stack.base_url + "/v1/chat/completions", json=body, timeout=60
     ) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: ") and '"content"' in line:
                 break  # leave after the first token
-    metrics = urllib.request.urlopen(dvd_stack.base_url + "/metrics", timeout=10).read().decode()
+    metrics = (
+        urllib.request.urlopen(any_dvd_stack.base_url + "/metrics", timeout=10).read().decode()
+    )
     assert "dvd_gateway_requests_total" in metrics
-    assert http_status(dvd_stack.base_url + "/ready") == 200
-    reply = client(dvd_stack).chat.completions.create(
-        model=model_name(dvd_stack),
+    assert http_status(any_dvd_stack.base_url + "/ready") == 200
+    reply = client(any_dvd_stack).chat.completions.create(
+        model=model_name(any_dvd_stack),
         messages=[{"role": "user", "content": "still there?"}],
         max_tokens=2,
     )
     assert reply.choices[0].message.content is not None
 
 
-def test_metrics_report_every_stage(dvd_stack: Stack) -> None:
-    client(dvd_stack).chat.completions.create(
-        model=model_name(dvd_stack),
+def test_metrics_report_every_stage(any_dvd_stack: Stack) -> None:
+    client(any_dvd_stack).chat.completions.create(
+        model=model_name(any_dvd_stack),
         messages=[image_message("x", png_bytes(448, 448))],
         max_tokens=2,
     )
-    metrics = urllib.request.urlopen(dvd_stack.base_url + "/metrics", timeout=10).read().decode()
+    metrics = (
+        urllib.request.urlopen(any_dvd_stack.base_url + "/metrics", timeout=10).read().decode()
+    )
     for stage in ("queue", "preprocess", "encode", "transfer", "prompt", "prefill", "decode"):
         assert f'dvd_gateway_stage_seconds_count{{stage="{stage}"}}' in metrics
     for name in (
@@ -284,12 +305,12 @@ def test_models_health_and_ready(dvd_stack: Stack) -> None:
     assert http_status(dvd_stack.base_url + "/ready") == 200
 
 
-def test_data_url_in_other_formats(dvd_stack: Stack) -> None:
+def test_data_url_in_other_formats(any_dvd_stack: Stack) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (500, 300), (200, 30, 40)).save(buffer, format="JPEG")
     url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-    reply = client(dvd_stack).chat.completions.create(
-        model=model_name(dvd_stack),
+    reply = client(any_dvd_stack).chat.completions.create(
+        model=model_name(any_dvd_stack),
         max_tokens=2,
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
     )

@@ -99,3 +99,30 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "config.json" in result.stderr
+
+
+def arenas() -> set[str]:
+    return {path.name for path in Path("/dev/shm").glob("dvd-arena-*")}
+
+
+def test_shm_arenas_do_not_outlive_processes_killed_with_sigkill(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    before = arenas()
+    first = start_stack(tiny_checkpoint, tmp_path / "first", "--transport", "shm")
+    try:
+        owned = arenas() - before
+        assert len(owned) == 1
+        children_by_role(first.process.pid)["language"].kill()  # SIGKILL: no clean-up
+        assert first.process.wait(60) == 1
+        assert owned <= arenas()
+        second = start_stack(tiny_checkpoint, tmp_path / "second", "--transport", "shm")
+        try:
+            assert not owned & arenas(), "the restarted language server removes stale arenas"
+            children_by_role(second.process.pid)["vision"].kill()  # the writer side dies
+            assert second.process.wait(60) == 1
+        finally:
+            second.stop(timeout_s=5)
+    finally:
+        first.stop(timeout_s=5)
+    assert arenas() == before

@@ -104,6 +104,11 @@ def register(subparsers: Any) -> None:
     wflag("--output-tokens", 128, "max_tokens of each request")
     wflag("--ignore-eos", False, "send ignore_eos: true so every request generates max_tokens")
     wflag("--temperature", 0.0, "sampling temperature")
+    wflag(
+        "--extra-body",
+        "{}",
+        'JSON object merged into every request, e.g. \'{"vir_mode": "router"}\'',
+    )
     wflag("--seed", 0, "seed of prompts, images, Poisson gaps and random image sizes")
 
     out = parser.add_argument_group("limits and output")
@@ -162,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         temperature=args.temperature,
         timeout_s=args.timeout_s,
         slo_ms=parse_slos(args.goodput or []),
+        extra_body=parse_extra_body(args.extra_body),
         warmup_requests=args.warmup,
         seed=args.seed,
     )
@@ -188,3 +194,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
     return 0 if result.summary.errors == 0 else 1
+
+
+def parse_extra_body(text: str) -> dict[str, object]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"extra_body: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError("extra_body: must be a JSON object")
+    return value

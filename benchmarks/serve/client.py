@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -32,6 +32,7 @@ def chat_payload(
     max_tokens: int,
     temperature: float,
     ignore_eos: bool,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "model": model,
@@ -43,6 +44,7 @@ def chat_payload(
     }
     if ignore_eos:
         payload["ignore_eos"] = True  # vLLM's extension, honoured by the dvd gateway
+    payload.update(extra or {})
     return payload
 
 

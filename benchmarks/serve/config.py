@@ -60,6 +60,8 @@ class BenchConfig:
     """max_tokens of every request."""
     ignore_eos: bool = False
     """Send vLLM's `ignore_eos: true`, so every request generates `output_tokens` tokens."""
+    extra_body: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """More fields for every request body, e.g. {"vir_mode": "router"} (dvd's ViR)."""
     temperature: float = 0.0
     timeout_s: float = 600.0
     """Deadline of one request, from sending it to the end of its stream."""
@@ -180,6 +182,7 @@ class BenchConfig:
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
             "ignore_eos": self.ignore_eos,
+            "extra_body": dict(self.extra_body),
             "temperature": self.temperature,
             "timeout_s": self.timeout_s,
             "slo_ms": dict(self.slo_ms),

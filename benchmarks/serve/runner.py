@@ -76,6 +76,7 @@ async def run_benchmark(
                 max_tokens=config.output_tokens,
                 temperature=config.temperature,
                 ignore_eos=config.ignore_eos,
+                extra=config.extra_body,
             )
             record = RequestRecord(index, describe_sizes(spec.image_sizes), scheduled_s=due_s)
             return await client.stream_chat(

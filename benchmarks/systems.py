@@ -1,0 +1,116 @@
+"""Starting and stopping the systems a benchmark measures, as real processes on loopback.
+
+Every system is one process group started from an argv, ready when an HTTP path answers
+200, and stopped with SIGTERM then SIGKILL of the whole group, so nothing outlives a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class Running:
+    name: str
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def launch(
+    name: str,
+    argv: list[str],
+    base_url: str,
+    log_path: Path,
+    ready_path: str = "/ready",
+    timeout_s: float = 600.0,
+    env: dict[str, str] | None = None,
+) -> Running:
+    """Starts `argv` in its own process group and waits until base_url+ready_path is 200."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+    running = Running(name, process, base_url, log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{running.log_tail()}")
+        if http_ok(base_url + ready_path):
+            return running
+        time.sleep(0.5)
+    running.stop()
+    raise RuntimeError(f"{name} was not ready after {timeout_s:.0f} s:\n{running.log_tail()}")
+
+
+def dvd_up_argv(model: Path, port: int, *extra: str) -> list[str]:
+    """`dvd up` on free internal ports, sized for a benchmark on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "dvd",
+        "up",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--vision-port",
+        str(free_port()),
+        "--language-port",
+        str(free_port()),
+        *extra,
+    ]
+
+
+@contextlib.contextmanager
+def running(
+    name: str, argv: list[str], base_url: str, log_path: Path, **kwargs: object
+) -> Iterator[Running]:
+    system = launch(name, argv, base_url, log_path, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield system
+    finally:
+        system.stop()

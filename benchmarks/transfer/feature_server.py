@@ -1,0 +1,82 @@
+"""A VisionService with no ViT: it streams prepared features through the real senders.
+
+Benchmarks only. The EncodeRequest's single image carries, instead of image bytes, the
+ASCII text "<tiles>x<hidden>" naming the features to send; the rows are random bf16 made
+once per shape. Everything after that (the transport's Emission, chunking, gRPC) is the
+code the vision server runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from dvd.grpc_options import MAX_CHUNK_BYTES
+from dvd.grpc_server import bind, new_server
+from dvd.transport import DESTINATION_KINDS, FeatureSender, parse_names, sender_class
+from dvd.v1 import vision_pb2, vision_pb2_grpc
+
+ROWS_PER_TILE = 256
+
+
+class FeatureServer(vision_pb2_grpc.VisionServiceServicer):
+    def __init__(self, senders: dict[str, FeatureSender]) -> None:
+        self.senders = senders
+        self._features: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _rows(self, tiles: int, hidden: int) -> torch.Tensor:
+        key = (tiles, hidden)
+        if key not in self._features:
+            rows = torch.randn(
+                tiles * ROWS_PER_TILE, hidden, generator=torch.Generator().manual_seed(0)
+            )
+            self._features[key] = rows.to(torch.bfloat16)
+        return self._features[key]
+
+    async def Encode(
+        self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
+        tiles, hidden = (int(x) for x in request.images[0].data.decode().split("x"))
+        rows = self._rows(tiles, hidden)
+        kind = request.destination.WhichOneof("kind")
+        emission = self.senders[DESTINATION_KINDS[kind] if kind else "grpc"].open(request)
+        try:
+            yield vision_pb2.EncodeResponse(
+                plan=vision_pb2.ImagePlan(
+                    image_index=0,
+                    num_tiles=tiles,
+                    tokens_per_tile=[ROWS_PER_TILE] * tiles,
+                    hidden_size=hidden,
+                )
+            )
+            for chunk in emission.chunks(0, 0, rows, request.max_chunk_bytes or MAX_CHUNK_BYTES):
+                yield vision_pb2.EncodeResponse(chunk=chunk)
+            yield vision_pb2.EncodeResponse(
+                done=vision_pb2.EncodeDone(num_tiles=tiles, num_tokens=rows.shape[0])
+            )
+        finally:
+            emission.close()
+
+    async def RdmaConnect(
+        self, request: vision_pb2.RdmaConnectRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.RdmaConnectResponse:
+        return self.senders["rdma"].connect(request)
+
+
+async def _serve(transports: str, ready: mp.connection.Connection) -> None:
+    senders = {name: sender_class(name)() for name in parse_names(transports)}
+    server = new_server()
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(FeatureServer(senders), server)
+    port = bind(server, "127.0.0.1:0")
+    await server.start()
+    ready.send(port)
+    await server.wait_for_termination()
+
+
+def serve(transports: str, ready: mp.connection.Connection) -> None:
+    """Entry point of the server process; sends its port through `ready`."""
+    asyncio.run(_serve(transports, ready))
