@@ -46,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         0,
         "upper bound on tiles per image; 0 uses the checkpoint's max_dynamic_patch",
     )
+    add_flag(
+        parser,
+        COMMAND,
+        "--encoder-cache-mib",
+        512,
+        "features of recently seen images kept to skip the ViT on repeats; 0 disables it",
+    )
     add_flag(parser, COMMAND, "--metrics-port", 0, "Prometheus /metrics port; 0 disables it")
     add_flag(
         parser,
@@ -89,5 +96,6 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         transport=args.transport,
         vir_mode=args.vir_mode,
+        encoder_cache_mib=args.encoder_cache_mib,
     )
     return run_server(config)

@@ -24,6 +24,7 @@ class VisionServerConfig:
     max_tiles: int = 0  # 0: the checkpoint's max_dynamic_patch
     metrics_port: int = 0  # 0: no metrics endpoint
     transport: str = "grpc,shm"  # transports this server accepts, comma-separated
+    encoder_cache_mib: int = 512  # 0 disables the cache of encoded images
     vir_mode: str = "auto"  # auto: the router on -Flash checkpoints, else always-1/4
 
     def __post_init__(self) -> None:
@@ -35,6 +36,7 @@ class VisionServerConfig:
             "max_images_per_request": self.max_images_per_request >= 1,
             "max_image_pixels": self.max_image_pixels >= 1,
             "max_tiles": self.max_tiles >= 0,
+            "encoder_cache_mib": self.encoder_cache_mib >= 0,
         }
         if self.dtype not in DTYPES:
             raise ValueError(f"vision server: dtype must be one of {DTYPES}, not {self.dtype!r}")

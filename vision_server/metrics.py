@@ -43,6 +43,17 @@ class VisionMetrics:
             "Feature rows not sent because ViR compressed tiles to 1/16",
             registry=r,
         )
+        self.cache = Counter(
+            "dvd_vision_encoder_cache_total",
+            "Images looked up in the encoder cache",
+            ["result"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "dvd_vision_encoder_cache_bytes",
+            "Bytes of features held by the encoder cache",
+            registry=r,
+        )
         self.batch_tiles = Histogram(
             "dvd_vision_batch_tiles",
             "Tiles per ViT batch",

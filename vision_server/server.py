@@ -16,6 +16,7 @@ from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import TileBatcher
 from vision_server.config import VisionServerConfig
 from vision_server.encoder import VisionEncoder
+from vision_server.encoder_cache import EncoderCache
 from vision_server.metrics import VisionMetrics
 from vision_server.service import VisionService
 
@@ -31,7 +32,8 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
     batcher = TileBatcher(encoder.encode, config.max_batch_tiles, config.max_wait_ms)
     batcher.start()
     senders = {name: sender_class(name)() for name in parse_names(config.transport)}
-    service = VisionService(config, encoder, batcher, metrics, senders)
+    cache = EncoderCache(config.encoder_cache_mib * 2**20)
+    service = VisionService(config, encoder, batcher, metrics, senders, cache)
     server = new_server()
     vision_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
     bind(server, config.address)

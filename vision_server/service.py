@@ -22,9 +22,10 @@ from dvd.vir_mode import VirMode
 from vision_server.batcher import Cancellation, EncodedTiles, TileBatcher, TileRun
 from vision_server.config import VisionServerConfig
 from vision_server.encoder import TilingLimits, VisionEncoder
+from vision_server.encoder_cache import CachedImage, EncoderCache, image_key
 from vision_server.metrics import VisionMetrics
 from vision_server.tile_features import TileFeatures, fixed_compression, select_rows
-from vision_server.tiling import TiledImage
+from vision_server.tiling import ImageLayout, TiledImage
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,10 @@ class EncodeProgress:
     tiles_done: int = 0
     tiles_compressed: int = 0
     rows_sent: int = 0
-    tiled: list[TiledImage] = field(default_factory=list)
-    # Router mode holds each image's tile features until every tile has been scored.
+    layouts: list[ImageLayout] = field(default_factory=list)
+    cache_keys: list[str | None] = field(default_factory=list)  # None: served from the cache
+    # Each image's tile features until all its tiles are in: router mode decides over them,
+    # and the encoder cache stores them.
     held: dict[int, list[EncodedTiles]] = field(default_factory=dict)
 
 
@@ -55,9 +58,11 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         batcher: TileBatcher,
         metrics: VisionMetrics,
         senders: dict[str, FeatureSender],
+        cache: EncoderCache | None = None,
     ) -> None:
         self.config = config
         self.senders = senders
+        self.cache = cache if cache is not None else EncoderCache(0)
         self.encoder = encoder
         self.batcher = batcher
         self.metrics = metrics
@@ -161,33 +166,45 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         sink: asyncio.Queue[EncodedTiles | BaseException] = asyncio.Queue()
         max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
         streaming = mode is not VirMode.ROUTER
+        with_vir = mode is not VirMode.QUARTER
         # Tile image i+1 while image i's tiles are already queued for the ViT.
         for index, image in enumerate(request.images):
-            t0 = time.monotonic_ns()
-            tiled: TiledImage = await loop.run_in_executor(
-                self._preprocess_pool, self.encoder.preprocess, image.data, self._limits(image)
-            )
-            progress.preprocess_ns += time.monotonic_ns() - t0
-            progress.tiled.append(tiled)
-            progress.tiles_expected += tiled.num_tiles
-            run = TileRun(
-                request.request_id,
-                index,
-                0,
-                tiled.pixel_values,
-                sink,
-                with_vir=mode is not VirMode.QUARTER,
-                cancellation=cancellation,
-            )
-            self.batcher.submit(run)
+            limits = self._limits(image)
+            key = image_key(image.data, limits.max_tiles)
+            cached = self.cache.get(key, with_vir)
+            self.metrics.cache.labels("hit" if cached else "miss").inc()
+            if cached is not None:
+                layout = cached.layout
+                sink.put_nowait(EncodedTiles(index, 0, cached.features, 0, 0, 0))
+            else:
+                t0 = time.monotonic_ns()
+                tiled: TiledImage = await loop.run_in_executor(
+                    self._preprocess_pool, self.encoder.preprocess, image.data, limits
+                )
+                progress.preprocess_ns += time.monotonic_ns() - t0
+                layout = tiled.layout
+                run = TileRun(
+                    request.request_id,
+                    index,
+                    0,
+                    tiled.pixel_values,
+                    sink,
+                    with_vir=with_vir,
+                    cancellation=cancellation,
+                )
+                self.batcher.submit(run)
+            progress.layouts.append(layout)
+            progress.cache_keys.append(None if cached else key)
+            progress.tiles_expected += layout.num_tiles
             if streaming:
-                tokens = self._fixed_tokens(mode, tiled.num_tiles)
-                yield vision_pb2.EncodeResponse(plan=self._plan(index, tiled, tokens))
+                tokens = self._fixed_tokens(mode, layout.num_tiles)
+                yield vision_pb2.EncodeResponse(plan=self._plan(index, layout, tokens))
         while progress.tiles_done < progress.tiles_expected:
             result = await sink.get()
             if isinstance(result, BaseException):
                 raise result
             self._account(progress, result)
+            self._hold(progress, result)
             if streaming:
                 compress = fixed_compression(mode, result.features.num_tiles)
                 rows, tokens = result.features.rows(compress)
@@ -197,8 +214,6 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
                 ):
                     yield message
                 self._count_tiles(progress, tokens)
-            else:
-                progress.held.setdefault(result.image_index, []).append(result)
         if not streaming:
             for message in self._routed(emission, progress, max_chunk):
                 yield message
@@ -212,19 +227,33 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         progress.queue_ns = max(progress.queue_ns, result.queue_ns)
         progress.encode_ns += result.encode_ns
         progress.tiles_done += result.features.num_tiles
-        self.metrics.batch_tiles.observe(result.batch_tiles)
+        if result.batch_tiles:  # 0 for images served from the encoder cache
+            self.metrics.batch_tiles.observe(result.batch_tiles)
+
+    def _hold(self, progress: EncodeProgress, result: EncodedTiles) -> None:
+        """Keeps an image's tiles; once all are in, caches the image unless it came from there."""
+        parts = progress.held.setdefault(result.image_index, [])
+        parts.append(result)
+        layout = progress.layouts[result.image_index]
+        key = progress.cache_keys[result.image_index]
+        if key is not None and sum(p.features.num_tiles for p in parts) == layout.num_tiles:
+            ordered = sorted(parts, key=lambda part: part.first_tile)
+            self.cache.put(
+                key, CachedImage(layout, TileFeatures.cat([p.features for p in ordered]))
+            )
+            self.metrics.cache_bytes.set(self.cache.bytes)
 
     def _routed(
         self, emission: Emission, progress: EncodeProgress, max_chunk: int
     ) -> Iterator[vision_pb2.EncodeResponse]:
         """Router mode: decide over all of the request's tiles, then send image by image."""
         images = []
-        for index in range(len(progress.tiled)):
+        for index in range(len(progress.layouts)):
             parts = sorted(progress.held.pop(index), key=lambda part: part.first_tile)
             images.append(TileFeatures.cat([part.features for part in parts]))
         selected = select_rows(VirMode.ROUTER, images, self.encoder.config.flash)
         for index, (rows, tokens) in enumerate(selected):
-            yield vision_pb2.EncodeResponse(plan=self._plan(index, progress.tiled[index], tokens))
+            yield vision_pb2.EncodeResponse(plan=self._plan(index, progress.layouts[index], tokens))
             yield from self._chunks(emission, index, 0, rows, max_chunk, progress)
             self._count_tiles(progress, tokens)
 
@@ -277,7 +306,7 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             tiles_compressed=progress.tiles_compressed,
         )
 
-    def _plan(self, index: int, tiled: TiledImage, tokens: list[int]) -> vision_pb2.ImagePlan:
+    def _plan(self, index: int, tiled: ImageLayout, tokens: list[int]) -> vision_pb2.ImagePlan:
         return vision_pb2.ImagePlan(
             image_index=index,
             num_tiles=tiled.num_tiles,

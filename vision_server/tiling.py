@@ -23,6 +23,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class ImageLayout:
+    """How an image was tiled: what a plan tells the language server."""
+
+    num_tiles: int
+    grid_cols: int
+    grid_rows: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
 class TiledImage:
     """Normalised tiles of one image, ready for the ViT."""
 
@@ -35,6 +46,10 @@ class TiledImage:
     @property
     def num_tiles(self) -> int:
         return int(self.pixel_values.shape[0])
+
+    @property
+    def layout(self) -> ImageLayout:
+        return ImageLayout(self.num_tiles, self.grid_cols, self.grid_rows, self.width, self.height)
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
