@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from dvd.v1 import language_pb2
+
 MAX_STOP_SEQUENCES = 4
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
@@ -134,14 +136,28 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    dvd_timings: dict[str, int] | None = None
+    """dvd extension: the language server's stage timings in ns (queue_ns ... total_ns) and
+    wall-clock instants (vision_sent_unix_ns, first_token_unix_ns, last_token_unix_ns), so
+    benchmarks can see each stage and how requests' stages overlap. Clients ignore it."""
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(
+        cls,
+        prompt_tokens: int,
+        completion_tokens: int,
+        timings: language_pb2.StageTimings | None = None,
+    ) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            dvd_timings=None if timings is None else _timing_fields(timings),
         )
+
+
+def _timing_fields(timings: language_pb2.StageTimings) -> dict[str, int]:
+    return {field.name: value for field, value in timings.ListFields()}
 
 
 class AssistantMessage(BaseModel):

@@ -144,7 +144,7 @@ async def gather(messages: Messages, record: RequestRecord) -> ChatCompletion:
         choices=[
             Choice(message=AssistantMessage(content="".join(pieces)), finish_reason=finish_reason)
         ],
-        usage=Usage.of(record.prompt_tokens, record.completion_tokens),
+        usage=Usage.of(record.prompt_tokens, record.completion_tokens, record.timings),
     )
 
 
@@ -172,7 +172,9 @@ async def sse_events(
             else:
                 raise _ended_early(record)
         if include_usage:
-            yield chunks.usage(Usage.of(record.prompt_tokens, record.completion_tokens))
+            yield chunks.usage(
+                Usage.of(record.prompt_tokens, record.completion_tokens, record.timings)
+            )
     except asyncio.CancelledError:
         record.status = 499  # the client went away mid-stream
         raise

@@ -171,6 +171,10 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
                     prefill_ns=first_token_ns - submitted,
                     decode_ns=now - first_token_ns,
                     total_ns=now - started,
+                    # Encode is asked for right as the request starts (see _generate).
+                    vision_sent_unix_ns=_unix(started) if encoded.features else 0,
+                    first_token_unix_ns=_unix(first_token_ns),
+                    last_token_unix_ns=_unix(now),
                 )
                 usage = language_pb2.Usage(
                     prompt_tokens=len(prompt.token_ids),
@@ -249,3 +253,8 @@ def _settle(encoding: asyncio.Task[EncodedImages]) -> None:
         encoding.cancel()
     elif not encoding.cancelled() and encoding.exception() is None:
         encoding.result().release()
+
+
+def _unix(monotonic_ns: int) -> int:
+    """A time.monotonic_ns() instant on the wall clock, for timings clients line up."""
+    return monotonic_ns + time.time_ns() - time.monotonic_ns()

@@ -141,6 +141,8 @@ def _take_event(data: str, record: RequestRecord, now: float) -> bool:
     if usage:
         record.prompt_tokens = usage.get("prompt_tokens")
         record.completion_tokens = usage.get("completion_tokens")
+        if isinstance(usage.get("dvd_timings"), dict):
+            record.server_timings = usage["dvd_timings"]
     return True
 
 

@@ -35,6 +35,8 @@ class RequestRecord:
     completion_tokens: int | None = None
     """From the final usage chunk; None if the server sent no usage."""
     finish_reason: str | None = None
+    server_timings: dict[str, int] | None = None
+    """dvd's per-stage timings from the usage chunk (`dvd_timings`); None elsewhere."""
 
     @property
     def ok(self) -> bool:
@@ -78,6 +80,7 @@ class RequestRecord:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "finish_reason": self.finish_reason,
+            "server_timings": self.server_timings,
         }
 
 

@@ -61,6 +61,12 @@ def format_table(result: BenchmarkResult) -> str:
     if summary.goodput is not None:
         targets = ", ".join(f"{metric} <= {ms:g} ms" for metric, ms in config.slo_ms.items())
         lines.append(f"{'goodput':<24}{summary.goodput:10.2f} req/s ({targets})")
+    overlap = result.overlap
+    if overlap is not None and overlap.encode_hidden_fraction is not None:
+        lines.append(
+            f"{'encode hidden':<24}{overlap.encode_hidden_fraction:10.0%} of "
+            f"{overlap.encode_busy_s:.2f} s of vision encoding ran while the LLM decoded"
+        )
     lines.append(f"{'errors':<24}{summary.errors:10d}")
     messages = Counter(r.error for r in result.requests if r.error is not None)
     for message, count in messages.most_common(ERRORS_SHOWN):

@@ -20,6 +20,7 @@ import httpx
 
 from benchmarks.serve import client
 from benchmarks.serve.config import BenchConfig
+from benchmarks.serve.overlap import Overlap, measure
 from benchmarks.serve.record import RequestRecord
 from benchmarks.serve.stats import Summary, summarize
 from benchmarks.serve.traffic import Schedule, dispatch
@@ -37,11 +38,17 @@ class BenchmarkResult:
     started_at: str
     """When the measured run began (UTC, ISO 8601)."""
 
+    @property
+    def overlap(self) -> Overlap | None:
+        """Encode time hidden behind decoding (dvd servers only)."""
+        return measure(r.server_timings for r in self.requests if r.ok and r.server_timings)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "config": {**self.config.to_json(), "model": self.model},
             "summary": self.summary.to_json(),
             "requests": [record.to_json() for record in self.requests],
+            "overlap": None if self.overlap is None else self.overlap.to_json(),
             "started_at": self.started_at,
             "machine": machine(),
         }
