@@ -348,9 +348,14 @@ def test_non_streaming_completion(
             "prompt_tokens": 10 + IMAGE_TOKENS,
             "completion_tokens": 4,
             "total_tokens": 14 + IMAGE_TOKENS,
+            "dvd_timings": FAKE_TIMINGS,
         }
     assert fake_language[1].requests[-1].request_id == "req-123"
     assert fake_language[1].request_ids[-1] == "req-123"
+
+
+FAKE_TIMINGS = {"encode_ns": 5_000_000, "prefill_ns": 20_000_000, "decode_ns": 30_000_000}
+"""The stage timings the fake language server reports, passed through as usage.dvd_timings."""
 
 
 def test_streaming_completion(with_backend: str) -> None:
@@ -369,7 +374,12 @@ def test_streaming_completion(with_backend: str) -> None:
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finish[-1] == "length" and set(finish[:-1]) == {None}
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 4,
+        "total_tokens": 14,
+        "dvd_timings": {k: v for k, v in FAKE_TIMINGS.items() if k != "encode_ns"},  # no image
+    }
 
 
 def test_streaming_without_usage(with_backend: str) -> None:
