@@ -50,6 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "works everywhere), shm (shared memory, same host), rdma (pyverbs)",
     )
     add_flag(parser, COMMAND, "--shm-arena-mib", 1024, "size of the shm transport's arena")
+    add_flag(parser, COMMAND, "--rdma-device", "", "rdma transport: device name (default: first)")
+    add_flag(
+        parser,
+        COMMAND,
+        "--rdma-buffer-mib",
+        1024,
+        "rdma transport: registered receive buffer, at most 4096",
+    )
+    add_flag(parser, COMMAND, "--rdma-gid-index", 0, "rdma transport: GID index (RoCE: per host)")
     add_flag(parser, COMMAND, "--dtype", "bfloat16", "LLM and feature dtype: bfloat16 or float32")
     add_flag(
         parser,
@@ -108,5 +117,8 @@ def run(args: argparse.Namespace) -> int:
         vir_mode=args.vir_mode,
         transport=args.transport,
         shm_arena_mib=args.shm_arena_mib,
+        rdma_device=args.rdma_device,
+        rdma_buffer_mib=args.rdma_buffer_mib,
+        rdma_gid_index=args.rdma_gid_index,
     )
     return run_server(config)

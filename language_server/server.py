@@ -69,10 +69,16 @@ def make_feature_source(config: LanguageServerConfig, checkpoint: InternVLConfig
 
 
 def make_receiver(config: LanguageServerConfig) -> FeatureReceiver:
-    cls = receiver_class(config.transport)
-    if config.transport == "shm":
-        return cls(arena_bytes=config.shm_arena_mib * 2**20)  # type: ignore[call-arg]
-    return cls()
+    """The transport's receiving side, with the settings its backend takes."""
+    options: dict[str, dict[str, object]] = {
+        "shm": {"arena_bytes": config.shm_arena_mib * 2**20},
+        "rdma": {
+            "device": config.rdma_device or None,
+            "buffer_bytes": config.rdma_buffer_mib * 2**20,
+            "gid_index": config.rdma_gid_index,
+        },
+    }
+    return receiver_class(config.transport)(**options.get(config.transport, {}))
 
 
 async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:

@@ -77,9 +77,9 @@ class VisionPool:
         try:
             return await self._encode_on(server, request)
         except _RetryableError:
+            # Another server if there is one; a lone server gets one more try (it may
+            # have just restarted, and the retry connects afresh).
             other = self._pick(exclude=server)
-            if other is server:
-                raise Unavailable(f"vision server {server.address} is unavailable") from None
             log.warning(
                 "request %s: vision server %s unavailable, retrying on %s",
                 request_id,
@@ -128,8 +128,12 @@ class VisionPool:
             encoded = await self._receive(call, server.address, reception, progress)
         except grpc.aio.AioRpcError as exc:
             reception.release()
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and not progress.started:
-                server.connection = None  # it may have restarted: connect afresh next time
+            restarted = exc.code() in (
+                grpc.StatusCode.UNAVAILABLE,  # it is gone, or on its way back
+                grpc.StatusCode.FAILED_PRECONDITION,  # it came back and forgot our connection
+            )
+            if restarted and not progress.started:
+                server.connection = None  # connect afresh before the next request
                 raise _RetryableError() from None
             raise _from_rpc_error(exc, server.address) from None
         except ValueError as exc:  # the transport refused what the server sent

@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         0,
         "upper bound on tiles per image; 0 uses the checkpoint's max_dynamic_patch",
     )
+    add_flag(parser, COMMAND, "--rdma-device", "", "rdma transport: device name (default: first)")
+    add_flag(parser, COMMAND, "--rdma-gid-index", 0, "rdma transport: GID index (RoCE: per host)")
     add_flag(
         parser,
         COMMAND,
@@ -97,5 +99,7 @@ def run(args: argparse.Namespace) -> int:
         transport=args.transport,
         vir_mode=args.vir_mode,
         encoder_cache_mib=args.encoder_cache_mib,
+        rdma_device=args.rdma_device,
+        rdma_gid_index=args.rdma_gid_index,
     )
     return run_server(config)

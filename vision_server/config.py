@@ -24,6 +24,8 @@ class VisionServerConfig:
     max_tiles: int = 0  # 0: the checkpoint's max_dynamic_patch
     metrics_port: int = 0  # 0: no metrics endpoint
     transport: str = "grpc,shm"  # transports this server accepts, comma-separated
+    rdma_device: str = ""  # "": the first RDMA device
+    rdma_gid_index: int = 0
     encoder_cache_mib: int = 512  # 0 disables the cache of encoded images
     vir_mode: str = "auto"  # auto: the router on -Flash checkpoints, else always-1/4
 

@@ -11,7 +11,7 @@ from prometheus_client import start_http_server
 from dvd.checkpoint import load_config
 from dvd.features import parse_dtype
 from dvd.grpc_server import bind, new_server, serve_until_signal
-from dvd.transport import parse_names, sender_class
+from dvd.transport import FeatureSender, parse_names, sender_class
 from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import TileBatcher
 from vision_server.config import VisionServerConfig
@@ -23,6 +23,14 @@ from vision_server.service import VisionService
 log = logging.getLogger(__name__)
 
 
+def make_sender(name: str, config: VisionServerConfig) -> FeatureSender:
+    """A transport's sending side, with the settings its backend takes."""
+    if name == "rdma":
+        options = {"device": config.rdma_device or None, "gid_index": config.rdma_gid_index}
+        return sender_class(name)(**options)  # type: ignore[call-arg]
+    return sender_class(name)()
+
+
 async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
     checkpoint = load_config(config.model)
     encoder = VisionEncoder(checkpoint, config.device, parse_dtype(config.dtype))
@@ -31,7 +39,7 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     batcher = TileBatcher(encoder.encode, config.max_batch_tiles, config.max_wait_ms)
     batcher.start()
-    senders = {name: sender_class(name)() for name in parse_names(config.transport)}
+    senders = {name: make_sender(name, config) for name in parse_names(config.transport)}
     cache = EncoderCache(config.encoder_cache_mib * 2**20)
     service = VisionService(config, encoder, batcher, metrics, senders, cache)
     server = new_server()

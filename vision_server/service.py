@@ -16,7 +16,7 @@ from dvd import vir_mode
 from dvd.errors import DvdError, InvalidInput
 from dvd.features import torch_dtype
 from dvd.grpc_options import MAX_CHUNK_BYTES
-from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender
+from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender, StaleConnection
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from dvd.vir_mode import VirMode
 from vision_server.batcher import Cancellation, EncodedTiles, TileBatcher, TileRun
@@ -92,6 +92,8 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             )
         try:
             return sender.open(request)
+        except StaleConnection as exc:  # we restarted since the caller connected
+            raise DvdError(f"{name}: {exc}", code=grpc.StatusCode.FAILED_PRECONDITION) from None
         except ValueError as exc:
             raise InvalidInput(f"{name} destination: {exc}") from None
 

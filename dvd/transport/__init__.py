@@ -25,7 +25,13 @@ from __future__ import annotations
 
 import importlib
 
-from dvd.transport.base import Emission, FeatureReceiver, FeatureSender, Reception
+from dvd.transport.base import (
+    Emission,
+    FeatureReceiver,
+    FeatureSender,
+    Reception,
+    StaleConnection,
+)
 
 _BACKENDS: dict[str, str] = {
     "grpc": "dvd.transport.grpc_stream",
@@ -70,6 +76,7 @@ __all__ = [
     "FeatureReceiver",
     "FeatureSender",
     "Reception",
+    "StaleConnection",
     "parse_names",
     "receiver_class",
     "sender_class",

@@ -11,6 +11,11 @@ import torch
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 
 
+class StaleConnection(ValueError):
+    """A destination names a connection the sender does not know (it restarted since
+    attach); the receiver should attach again and retry."""
+
+
 @dataclass(frozen=True)
 class RequestShape:
     """What a receiver must be ready for: the most bytes each image's features can take."""
