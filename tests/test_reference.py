@@ -100,3 +100,18 @@ def test_dvd_greedy_tokens_equal_transformers_reference(
     # transformers keeps the EOS token it stopped on; vLLM reports it as a token too.
     assert served == expected or served == [t for t in expected if t not in eos]
     assert len(served) > 1
+
+
+def test_the_hf_layout_serves_the_same_tokens_as_the_original(
+    tiny_checkpoint_hf: Path, dvd_stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Both published layouts of the same weights go through the same loading code."""
+    hf_stack = start_stack(tiny_checkpoint_hf, tmp_path_factory.mktemp("hf-stack"))
+    try:
+        for sizes in ([], [(1024, 768)], [(600, 300), (256, 512)]):
+            images = [png_bytes(w, h, seed=i + 41) for i, (w, h) in enumerate(sizes)]
+            messages = [chat_message("Describe the picture in detail.", images)]
+            original = generate(dvd_stack.language_port, messages, max_tokens=MAX_NEW_TOKENS)
+            assert generate(hf_stack.language_port, messages, max_tokens=MAX_NEW_TOKENS) == original
+    finally:
+        hf_stack.stop()
