@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         COMMAND,
         "--transport",
         "grpc",
-        "how features travel from the vision to the language server: grpc or shm",
+        "how features travel from the vision to the language server: grpc, shm or tcp",
     )
     add_flag(parser, COMMAND, "--dtype", "bfloat16", "model dtype: bfloat16 or float32")
     add_flag(parser, COMMAND, "--max-model-len", 0, "context length; 0: the model's, capped")

@@ -50,6 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "works everywhere), shm (shared memory, same host), rdma (pyverbs)",
     )
     add_flag(parser, COMMAND, "--shm-arena-mib", 1024, "size of the shm transport's arena")
+    add_flag(parser, COMMAND, "--tcp-host", "127.0.0.1", "tcp transport: data listener address")
+    add_flag(parser, COMMAND, "--tcp-port", 0, "tcp transport: data listener port; 0: any free")
+    add_flag(
+        parser,
+        COMMAND,
+        "--tcp-advertise",
+        "",
+        "tcp transport: host name vision servers dial (default: --tcp-host)",
+    )
     add_flag(parser, COMMAND, "--rdma-device", "", "rdma transport: device name (default: first)")
     add_flag(
         parser,
@@ -117,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         vir_mode=args.vir_mode,
         transport=args.transport,
         shm_arena_mib=args.shm_arena_mib,
+        tcp_host=args.tcp_host,
+        tcp_port=args.tcp_port,
+        tcp_advertise=args.tcp_advertise,
         rdma_device=args.rdma_device,
         rdma_buffer_mib=args.rdma_buffer_mib,
         rdma_gid_index=args.rdma_gid_index,

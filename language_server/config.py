@@ -33,6 +33,9 @@ class LanguageServerConfig:
     vir_mode: str = "auto"  # auto: the router on -Flash checkpoints, else always-1/4
     transport: str = "grpc"  # how feature bytes arrive in dvd mode: grpc, shm, rdma
     shm_arena_mib: int = 1024
+    tcp_host: str = "127.0.0.1"  # the tcp transport's data listener
+    tcp_port: int = 0  # 0: any free port
+    tcp_advertise: str = ""  # host vision servers dial; "": tcp_host
     rdma_device: str = ""  # "": the first RDMA device
     rdma_buffer_mib: int = 1024
     rdma_gid_index: int = 0
@@ -50,6 +53,7 @@ class LanguageServerConfig:
             raise ValueError(f"language server: transport must be one of {TRANSPORTS}")
         checks = {
             "shm_arena_mib": self.shm_arena_mib >= 1,
+            "tcp_port": 0 <= self.tcp_port < 65536,
             # the immediate value carries a byte offset: 32 bits
             "rdma_buffer_mib": 1 <= self.rdma_buffer_mib <= 4096,
             "rdma_gid_index": self.rdma_gid_index >= 0,

@@ -72,6 +72,11 @@ def make_receiver(config: LanguageServerConfig) -> FeatureReceiver:
     """The transport's receiving side, with the settings its backend takes."""
     options: dict[str, dict[str, object]] = {
         "shm": {"arena_bytes": config.shm_arena_mib * 2**20},
+        "tcp": {
+            "host": config.tcp_host,
+            "port": config.tcp_port,
+            "advertise": config.tcp_advertise or None,
+        },
         "rdma": {
             "device": config.rdma_device or None,
             "buffer_bytes": config.rdma_buffer_mib * 2**20,

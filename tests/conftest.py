@@ -56,8 +56,17 @@ def shm_stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     stack.stop()
 
 
-@pytest.fixture(params=["grpc", "shm"])
+@pytest.fixture(scope="session")
+def tcp_stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = start_stack(tiny_checkpoint, tmp_path_factory.mktemp("tcp-stack"), "--transport", "tcp")
+    yield stack
+    stack.stop()
+
+
+STACK_OF_TRANSPORT = {"grpc": "dvd_stack", "shm": "shm_stack", "tcp": "tcp_stack"}
+
+
+@pytest.fixture(params=list(STACK_OF_TRANSPORT))
 def any_dvd_stack(request: pytest.FixtureRequest) -> Stack:
-    """The DvD stack over each feature transport this machine has."""
-    name = {"grpc": "dvd_stack", "shm": "shm_stack"}[request.param]
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+    """The DvD stack over each feature transport this machine has (rdma needs a NIC)."""
+    return request.getfixturevalue(STACK_OF_TRANSPORT[request.param])  # type: ignore[no-any-return]

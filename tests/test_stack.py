@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import STACK_OF_TRANSPORT
 from tests.images import data_url, png_bytes
 from tests.stack import Stack, chat_message, generate, http_status
 
@@ -120,7 +122,7 @@ def test_dvd_equals_coupled_token_for_token(
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
 
 
-@pytest.mark.parametrize("transport", ["grpc", "shm"])
+@pytest.mark.parametrize("transport", ["grpc", "shm", "tcp"])
 def test_features_arrive_bit_identical(
     transport: str, tiny_checkpoint: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -133,7 +135,7 @@ def test_features_arrive_bit_identical(
     from dvd.v1 import vision_pb2, vision_pb2_grpc
     from vision_server.encoder import TilingLimits, VisionEncoder
 
-    stack: Stack = request.getfixturevalue({"grpc": "dvd_stack", "shm": "shm_stack"}[transport])
+    stack: Stack = request.getfixturevalue(STACK_OF_TRANSPORT[transport])
     receiver = receiver_class(transport)(**({"arena_bytes": 2**24} if transport == "shm" else {}))
     reception = receiver.open(RequestShape("bits", [13 * 256 * 64 * 2], 64, torch.bfloat16))
     image = png_bytes(1024, 768, seed=9)
@@ -155,6 +157,7 @@ def test_features_arrive_bit_identical(
             assert len(reply.chunk.data) <= 100_000
             assert bool(reply.chunk.data) == (transport == "grpc")
             reception.on_chunk(reply.chunk)
+        asyncio.run(reception.settle(30))
         (received,) = reception.features()
         assert replies[-1].done.num_tokens == 13 * 256
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -13,7 +13,7 @@ import grpc
 import torch
 
 from dvd import vir_mode
-from dvd.errors import DvdError, InvalidInput
+from dvd.errors import DvdError, InvalidInput, Unavailable
 from dvd.features import torch_dtype
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender, StaleConnection
@@ -211,13 +211,13 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
                 compress = fixed_compression(mode, result.features.num_tiles)
                 rows, tokens = result.features.rows(compress)
                 first_row = sum(self._fixed_tokens(mode, result.first_tile))
-                for message in self._chunks(
+                async for message in self._chunks(
                     emission, result.image_index, first_row, rows, max_chunk, progress
                 ):
                     yield message
                 self._count_tiles(progress, tokens)
         if not streaming:
-            for message in self._routed(emission, progress, max_chunk):
+            async for message in self._routed(emission, progress, max_chunk):
                 yield message
         yield vision_pb2.EncodeResponse(done=self._done(progress, len(request.images)))
 
@@ -245,9 +245,9 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             )
             self.metrics.cache_bytes.set(self.cache.bytes)
 
-    def _routed(
+    async def _routed(
         self, emission: Emission, progress: EncodeProgress, max_chunk: int
-    ) -> Iterator[vision_pb2.EncodeResponse]:
+    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
         """Router mode: decide over all of the request's tiles, then send image by image."""
         images = []
         for index in range(len(progress.layouts)):
@@ -256,10 +256,11 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         selected = select_rows(VirMode.ROUTER, images, self.encoder.config.flash)
         for index, (rows, tokens) in enumerate(selected):
             yield vision_pb2.EncodeResponse(plan=self._plan(index, progress.layouts[index], tokens))
-            yield from self._chunks(emission, index, 0, rows, max_chunk, progress)
+            async for message in self._chunks(emission, index, 0, rows, max_chunk, progress):
+                yield message
             self._count_tiles(progress, tokens)
 
-    def _chunks(
+    async def _chunks(
         self,
         emission: Emission,
         image_index: int,
@@ -267,16 +268,18 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         rows: torch.Tensor,
         max_chunk: int,
         progress: EncodeProgress,
-    ) -> Iterator[vision_pb2.EncodeResponse]:
+    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
         """One image's rows through the transport; the time counted includes handing the
-        messages to gRPC (and, for shm/rdma, writing the bytes)."""
+        messages to gRPC (and, for shm/tcp/rdma, writing the bytes)."""
         started = time.monotonic_ns()
         try:
-            for chunk in emission.chunks(image_index, first_row, rows, max_chunk):
+            async for chunk in emission.achunks(image_index, first_row, rows, max_chunk):
                 self.metrics.feature_bytes.inc(len(chunk.data) or chunk.written.length)
                 yield vision_pb2.EncodeResponse(chunk=chunk)
         except ValueError as exc:
             raise InvalidInput(f"cannot deliver features: {exc}") from None
+        except ConnectionError as exc:  # the receiver's data socket went away
+            raise Unavailable(f"cannot deliver features: {exc}") from None
         progress.transfer_ns += time.monotonic_ns() - started
 
     def _count_tiles(self, progress: EncodeProgress, tokens: list[int]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +89,14 @@ class Emission(ABC):
     ) -> Iterator[vision_pb2.FeatureChunk]:
         """Sends rows [first_row, first_row + len(rows)) of an image; yields the messages
         that tell the receiver about them, in order."""
+
+    async def achunks(
+        self, image_index: int, first_row: int, rows: torch.Tensor, max_chunk_bytes: int
+    ) -> AsyncIterator[vision_pb2.FeatureChunk]:
+        """`chunks` for the event loop. Backends whose sends block (tcp) override it to send
+        from a worker thread, so other requests' streams keep flowing meanwhile."""
+        for chunk in self.chunks(image_index, first_row, rows, max_chunk_bytes):
+            yield chunk
 
     def close(self) -> None:  # noqa: B027 (an optional hook, empty by default)
         """Called when the request ends, whatever happened."""
