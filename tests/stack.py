@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.systems import Running, free_port, launch
+
 READY_TIMEOUT_S = 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["Stack", "free_port", "http_status", "start_stack"]
 
 
 def http_status(url: str) -> int:
+    """The status a GET answers with; 0 when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return int(response.status)
@@ -35,64 +28,52 @@ def http_status(url: str) -> int:
 
 @dataclass
 class Stack:
-    process: subprocess.Popen[bytes]
-    port: int
+    """A running `dvd up` and the loopback ports of its three processes."""
+
+    running: Running
     vision_port: int
     language_port: int
-    log_path: Path
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.running.process
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.running.base_url
 
-    def log_tail(self, lines: int = 60) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
+    @property
+    def log_path(self) -> Path:
+        return self.running.log_path
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM to `dvd up` (which stops its children), then SIGKILL to the whole group."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        return self.process.wait()
+        self.running.stop(timeout_s)
+        return self.process.returncode
 
 
-def start_stack(model: Path | None, workdir: Path, *extra: str, wait: bool = True) -> Stack:
-    """Runs `dvd up` on free loopback ports; model None serves the embedded default."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def start_stack(model: Path | None, workdir: Path, *extra: str) -> Stack:
+    """Runs `dvd up` on free loopback ports and waits until it is ready; model None serves
+    the embedded default."""
     port, vision_port, language_port = free_port(), free_port(), free_port()
-    log_path = workdir / f"dvd-up-{port}.log"
     ports = ["--port", str(port), "--vision-port", str(vision_port)]
     ports += ["--language-port", str(language_port)]
     model_args = ["--model", str(model)] if model is not None else []
     sizes = ["--kv-cache-gib", "0.25", "--max-model-len", "8192"]
     argv = [sys.executable, "-m", "dvd", "up", *model_args, *ports, *sizes, *extra]
-    env = {**os.environ, "DVD_CACHE_DIR": str(workdir / "cache"), "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    stack = Stack(process, port, vision_port, language_port, log_path)
-    if wait:
-        wait_ready(stack)
-    return stack
-
-
-def wait_ready(stack: Stack, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if stack.process.poll() is not None:
-            raise RuntimeError(
-                f"dvd up exited with {stack.process.returncode}:\n{stack.log_tail()}"
-            )
-        if http_status(stack.base_url + "/ready") == 200:
-            return
-        time.sleep(0.5)
-    stack.stop()
-    raise RuntimeError(f"stack not ready after {timeout_s} s:\n{stack.log_tail()}")
+    running = launch(
+        "dvd up",
+        argv,
+        f"http://127.0.0.1:{port}",
+        workdir / f"dvd-up-{port}.log",
+        timeout_s=READY_TIMEOUT_S,
+        env={"DVD_CACHE_DIR": str(workdir / "cache")},
+    )
+    return Stack(running, vision_port, language_port)
 
 
 def generate(port: int, messages: list, max_tokens: int = 12) -> tuple[list[int], object]:

@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from benchmarks.systems import free_port
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from gateway.app import create_app
 from gateway.backends import Backend, BackendPool
@@ -58,12 +59,6 @@ def image_part(url: str) -> dict[str, Any]:
 
 def chat(content: Any, **fields: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
