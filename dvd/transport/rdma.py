@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dvd.features import FEATURES_NAME, torch_dtype, wire_dtype
+from dvd.features import FEATURES_NAME, wire_dtype
 from dvd.transport import grpc_stream, verbs
 from dvd.transport.base import (
     Emission,
@@ -52,6 +52,7 @@ from dvd.transport.base import (
     RequestShape,
     StaleConnection,
 )
+from dvd.transport.regions import ImageRegions
 from dvd.transport.verbs import (
     DeviceOpener,
     Endpoint,
@@ -184,9 +185,7 @@ class RdmaReception(Reception):
         self.link = connection.link
         self.link.users += 1
         self.shape = shape
-        self.offsets = offsets
-        self.rows = [0] * len(offsets)
-        self.filled = [0] * len(offsets)
+        self.regions = ImageRegions(shape, offsets)
         self.announced: dict[int, int] = {}  # buffer offset -> bytes: in the stream, not landed
         self.landed: dict[int, int] = {}  # buffer offset -> bytes: landed, not yet in the stream
         self.error = ""
@@ -200,55 +199,28 @@ class RdmaReception(Reception):
                 connection_id=self.connection.id,
                 remote_addr=self.receiver.base,
                 rkey=self.receiver.region.rkey,
-                image_offsets=self.offsets,
+                image_offsets=self.regions.offsets,
                 image_capacities=self.shape.image_capacities,
             )
         )
 
     def owns(self, offset: int) -> bool:
-        return any(
-            start <= offset < start + capacity
-            for start, capacity in zip(self.offsets, self.shape.image_capacities, strict=True)
-        )
-
-    def _row_bytes(self) -> int:
-        return self.shape.hidden * self.shape.dtype.itemsize
+        return self.regions.owns(offset)
 
     def on_plan(self, plan: vision_pb2.ImagePlan) -> None:
-        index = plan.image_index
-        if not 0 <= index < len(self.offsets):
-            raise ValueError(f"plan for unknown image {index}")
-        if plan.hidden_size != self.shape.hidden:
-            raise ValueError(f"plan hidden size {plan.hidden_size} != {self.shape.hidden}")
-        rows = sum(plan.tokens_per_tile)
-        if rows * self._row_bytes() > self.shape.image_capacities[index]:
-            raise ValueError(f"image {index} has {rows} rows, more than its region holds")
-        self.rows[index] = rows
+        self.regions.on_plan(plan)
 
     def on_chunk(self, chunk: vision_pb2.FeatureChunk) -> None:
-        index = chunk.image_index
-        if not 0 <= index < len(self.offsets) or not self.rows[index]:
-            raise ValueError(f"chunk for image {index} before its plan")
-        if torch_dtype(chunk.descriptor.dtype) != self.shape.dtype:
-            raise ValueError("chunk dtype differs from the request's")
-        shape = list(chunk.descriptor.shape)
-        if len(shape) != 2 or shape[1] != self.shape.hidden or shape[0] <= 0:
-            raise ValueError(f"chunk shape {shape} does not fit [*, {self.shape.hidden}]")
-        rows = shape[0]
-        if chunk.row_offset < 0 or chunk.row_offset + rows > self.rows[index]:
-            raise ValueError(f"chunk rows exceed image {index}'s {self.rows[index]} rows")
-        offset = self.offsets[index] + chunk.row_offset * self._row_bytes()
-        length = rows * self._row_bytes()
+        place = self.regions.place(chunk)
         if chunk.data:
-            self._copy_in(offset, length, chunk.data)
+            self._copy_in(place.offset, place.length, chunk.data)
         else:
-            if chunk.written.offset != offset or chunk.written.length != length:
-                raise ValueError(f"chunk for image {index} was written outside its rows")
-            if offset in self.announced:
-                raise ValueError(f"chunk at buffer offset {offset} announced twice")
-            self.announced[offset] = length
-            self._match(offset)
-        self.filled[index] += rows
+            self.regions.check_written(chunk, place)
+            if place.offset in self.announced:
+                raise ValueError(f"chunk at buffer offset {place.offset} announced twice")
+            self.announced[place.offset] = place.length
+            self._match(place.offset)
+        self.regions.arrived(place)
         self.receiver.drain(self.connection, self.link)  # keeps receives posted
         if self.error:
             raise ValueError(self.error)
@@ -302,18 +274,9 @@ class RdmaReception(Reception):
         self.settled = True
 
     def features(self) -> list[torch.Tensor]:
-        out = []
-        for index, offset in enumerate(self.offsets):
-            if not self.rows[index] or self.filled[index] != self.rows[index]:
-                raise ValueError(f"image {index} is incomplete")
-            if not self.settled:
-                raise ValueError("features read before every rdma write completed (settle)")
-            count = self.rows[index] * self.shape.hidden
-            tensor = torch.frombuffer(
-                self.receiver.buffer, dtype=self.shape.dtype, count=count, offset=offset
-            )
-            out.append(tensor.view(self.rows[index], self.shape.hidden))
-        return out
+        if not self.settled:
+            raise ValueError("features read before every rdma write completed (settle)")
+        return self.regions.tensors(self.receiver.buffer)
 
     def release(self) -> None:
         if not self.released:
@@ -516,7 +479,9 @@ class Receiver(FeatureReceiver):
         if link in connection.retired and not link.users:
             connection.retired.remove(link)
             link.qp.close()
-        regions = list(zip(reception.offsets, reception.shape.image_capacities, strict=True))
+        regions = list(
+            zip(reception.regions.offsets, reception.shape.image_capacities, strict=True)
+        )
         if reception.settled:
             for offset, capacity in regions:
                 self.allocator.free(offset, capacity)

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from dvd.features import FEATURES_NAME, torch_dtype, wire_dtype
+from dvd.features import FEATURES_NAME, wire_dtype
 from dvd.transport import grpc_stream
 from dvd.transport.base import Emission, FeatureReceiver, FeatureSender, Reception, RequestShape
+from dvd.transport.regions import ImageRegions
 from dvd.transport.shm_arena import Arena, MappedArena
 from dvd.v1 import common_pb2, vision_pb2
 
@@ -33,10 +34,7 @@ class ShmReception(Reception):
     def __init__(self, arena: Arena, shape: RequestShape, offsets: list[int]) -> None:
         self.arena = arena
         self.shape = shape
-        self.offsets = offsets
-        self.rows: list[int] = [0] * len(offsets)
-        self.filled: list[int] = [0] * len(offsets)
-        self.hidden = 0
+        self.regions = ImageRegions(shape, offsets)
         self._released = False
 
     @property
@@ -45,55 +43,28 @@ class ShmReception(Reception):
             shm=vision_pb2.ShmDestination(
                 arena=self.arena.name,
                 arena_bytes=self.arena.size,
-                image_offsets=self.offsets,
+                image_offsets=self.regions.offsets,
                 image_capacities=self.shape.image_capacities,
             )
         )
 
-    def _row_bytes(self) -> int:
-        return self.shape.hidden * self.shape.dtype.itemsize
-
     def on_plan(self, plan: vision_pb2.ImagePlan) -> None:
-        index = plan.image_index
-        if not 0 <= index < len(self.offsets):
-            raise ValueError(f"plan for unknown image {index}")
-        if plan.hidden_size != self.shape.hidden:
-            raise ValueError(f"plan hidden size {plan.hidden_size} != {self.shape.hidden}")
-        rows = sum(plan.tokens_per_tile)
-        if rows * self._row_bytes() > self.shape.image_capacities[index]:
-            raise ValueError(f"image {index} has {rows} rows, more than its region holds")
-        self.rows[index] = rows
+        self.regions.on_plan(plan)
 
     def on_chunk(self, chunk: vision_pb2.FeatureChunk) -> None:
-        index = chunk.image_index
-        if not 0 <= index < len(self.offsets) or not self.rows[index]:
-            raise ValueError(f"chunk for image {index} before its plan")
-        if torch_dtype(chunk.descriptor.dtype) != self.shape.dtype:
-            raise ValueError("chunk dtype differs from the request's")
-        rows = int(chunk.descriptor.shape[0])
-        expected = self.offsets[index] + chunk.row_offset * self._row_bytes()
-        if chunk.written.offset != expected or chunk.written.length != rows * self._row_bytes():
-            raise ValueError(f"chunk for image {index} was written outside its rows")
-        if chunk.row_offset + rows > self.rows[index]:
-            raise ValueError(f"chunk rows exceed image {index}'s {self.rows[index]} rows")
-        self.filled[index] += rows
+        place = self.regions.place(chunk)
+        self.regions.check_written(chunk, place)
+        self.regions.arrived(place)
 
     def features(self) -> list[torch.Tensor]:
-        out = []
-        for index, offset in enumerate(self.offsets):
-            if not self.rows[index] or self.filled[index] != self.rows[index]:
-                raise ValueError(f"image {index} is incomplete")
-            count = self.rows[index] * self.shape.hidden
-            tensor = torch.frombuffer(
-                self.arena.buffer, dtype=self.shape.dtype, count=count, offset=offset
-            )
-            out.append(tensor.view(self.rows[index], self.shape.hidden))
-        return out
+        return self.regions.tensors(self.arena.buffer)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            for offset, capacity in zip(self.offsets, self.shape.image_capacities, strict=True):
+            for offset, capacity in zip(
+                self.regions.offsets, self.shape.image_capacities, strict=True
+            ):
                 self.arena.free(offset, capacity)
 
 
