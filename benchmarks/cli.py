@@ -6,6 +6,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from benchmarks.compare.cli import register as register_compare
     from benchmarks.serve.cli import register as register_serve
     from benchmarks.transfer.cli import register as register_transfer
     from benchmarks.vir import register as register_vir
@@ -19,3 +20,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_serve(tools)
     register_transfer(tools)
     register_vir(tools)
+    register_compare(tools)

@@ -75,15 +75,27 @@ def launch(
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     running = Running(name, process, base_url, log_path)
+    try:
+        _wait_ready(running, ready_path, timeout_s)
+    except BaseException:  # not ready, Ctrl-C, anything: nothing may be left running
+        running.stop()
+        raise
+    return running
+
+
+def _wait_ready(running: Running, ready_path: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{running.log_tail()}")
-        if http_ok(base_url + ready_path):
-            return running
+        if running.process.poll() is not None:
+            raise RuntimeError(
+                f"{running.name} exited with {running.process.returncode}:\n{running.log_tail()}"
+            )
+        if http_ok(running.base_url + ready_path):
+            return
         time.sleep(0.5)
-    running.stop()
-    raise RuntimeError(f"{name} was not ready after {timeout_s:.0f} s:\n{running.log_tail()}")
+    raise RuntimeError(
+        f"{running.name} was not ready after {timeout_s:.0f} s:\n{running.log_tail()}"
+    )
 
 
 def dvd_up_argv(model: Path, port: int, *extra: str) -> list[str]:

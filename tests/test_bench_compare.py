@@ -1,0 +1,419 @@
+"""`dvd bench compare`'s report (ratios, stage attribution, Markdown, plots) from synthetic
+results, its launch plans, and benchmarks/gpu.sh's Python part on the CPU with tiny shapes.
+
+No system is started here: a full comparison takes minutes (see the slow test at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.compare.config import QUICK, Pinning, Sizing, Traffic, cpu_list
+from benchmarks.compare.lineup import SystemSpec, dvd_argv, lineup
+from benchmarks.compare.markdown import render
+from benchmarks.compare.report import (
+    attribute,
+    build_report,
+    compare_stages,
+    ratios,
+    slower_on,
+)
+from benchmarks.compare.results import LevelRun, SystemRun
+from benchmarks.compare.runner import omp_binding
+from benchmarks.compare.stages import StageStat, delta, exposed, means_ms, parse
+from benchmarks.compare.vllm_native import server_argv, torchvision_release
+from benchmarks.serve.config import BenchConfig
+from benchmarks.serve.record import RequestRecord
+from benchmarks.serve.runner import BenchmarkResult
+from benchmarks.serve.stats import summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def result(
+    concurrency: int, e2e_s: float, ttft_s: float, n: int = 8, tokens: int = 16
+) -> BenchmarkResult:
+    """n successful requests, each `tokens` long, one after another: duration n * e2e_s."""
+    records = []
+    for i in range(n):
+        gap = (e2e_s - ttft_s) / (tokens - 1)
+        record = RequestRecord(i, ("448x448",), start_s=i * e2e_s)
+        record.chunk_times_s = [ttft_s + k * gap for k in range(tokens)]
+        record.e2e_s = e2e_s
+        record.completion_tokens = tokens
+        record.prompt_tokens = 300
+        records.append(record)
+    config = BenchConfig(base_url="http://x", concurrency=concurrency, num_requests=n)
+    summary = summarize(records, duration_s=n * e2e_s, slo_ms={})
+    return BenchmarkResult(config, "m", summary, records, "2026-01-01T00:00:00+00:00")
+
+
+def stages(**means_ms: float) -> dict[str, StageStat]:
+    return {name: StageStat(ms / 1000.0 * 4, 4) for name, ms in means_ms.items()}
+
+
+def system(name: str, source: str, e2e_s: float, ttft_s: float, **stage_ms: float) -> SystemRun:
+    run = SystemRun(name, name, source, model="ckpt")
+    run.levels = [LevelRun(c, result(c, e2e_s / c, ttft_s), stages(**stage_ms)) for c in (1, 4)]
+    return run
+
+
+def runs() -> dict[str, SystemRun]:
+    return {
+        "vllm": system("vllm", "vllm", 1.0, 0.5, queue=10, prefill=400, decode=500),
+        "coupled": system(
+            "coupled", "dvd", 2.0, 1.0, preprocess=50, encode=300, prompt=5, prefill=200, decode=500
+        ),
+        "dvd-grpc": system(
+            "dvd-grpc",
+            "dvd",
+            1.25,
+            0.75,
+            preprocess=50,
+            queue=20,
+            encode=300,
+            transfer=400,
+            prompt=5,
+            prefill=200,
+            decode=500,
+        ),
+    }
+
+
+def test_ratios_are_system_over_baseline_for_every_figure() -> None:
+    report = build_report(runs(), 4, {"traffic": QUICK.to_json()})
+    grpc = report["systems"]["dvd-grpc"]
+    assert grpc["concurrency"] == 4
+    # 8 requests of 1.25/4 s one after another: 3.2 req/s; vLLM: 4 req/s.
+    assert grpc["request_throughput"] == pytest.approx(3.2)
+    assert grpc["ratio_to_vllm"]["request_throughput"] == pytest.approx(0.8)
+    assert grpc["ratio_to_vllm"]["output_throughput"] == pytest.approx(0.8)
+    assert grpc["ratio_to_vllm"]["ttft_ms"]["mean"] == pytest.approx(1.5)
+    assert grpc["ratio_to_vllm"]["ttft_ms"]["p99"] == pytest.approx(1.5)
+    assert set(grpc["ratio_to_vllm"]["tpot_ms"]) == {"mean", "p50", "p90", "p99"}
+    assert grpc["ratio_to_coupled"]["request_throughput"] == pytest.approx(1.6)
+    assert report["systems"]["vllm"]["ratio_to_vllm"]["request_throughput"] == pytest.approx(1.0)
+    assert set(grpc["by_concurrency"]) == {"1", "4"}
+    assert grpc["errors"] == 0
+    assert grpc["stages_ms"]["encode"] == {"mean": pytest.approx(300.0), "count": 4}
+    json.dumps(report)  # serialisable as it is
+
+
+def test_ratios_without_a_baseline_are_null() -> None:
+    only = {k: v for k, v in runs().items() if k != "vllm"}
+    report = build_report(only, 4, {})
+    assert report["systems"]["dvd-grpc"]["ratio_to_vllm"] is None
+    assert report["baselines"] == ["coupled"]
+    figs: dict[str, Any] = {"request_throughput": 1.0, "output_throughput": 0.0}
+    figs |= {n: {s: None for s in ("mean", "p50", "p90", "p99")} for n in ("ttft_ms", "tpot_ms")}
+    same = ratios(figs, figs)
+    assert same is not None and same["output_throughput"] is None  # 0 / 0
+    assert ratios(figs, None) is None
+
+
+def test_slower_on_ignores_differences_within_tolerance() -> None:
+    flat = {s: 1.0 for s in ("mean", "p50", "p90", "p99")}
+    level = {
+        "request_throughput": 0.99,
+        "output_throughput": 0.5,
+        "ttft_ms": flat,
+        "tpot_ms": {**flat, "mean": 1.2},
+    }
+    assert slower_on(level) == ["output_throughput", "tpot_ms.mean"]
+    assert slower_on(None) == []
+
+
+def test_attribution_against_coupled_names_the_stage_that_grew() -> None:
+    rows = compare_stages({"encode": 300.0, "transfer": 100.0}, {"encode": 250.0}, "dvd")
+    assert rows[0] == {
+        "stage": "transfer",
+        "system_ms": 100.0,
+        "baseline_ms": 0.0,
+        "delta_ms": 100.0,
+    }
+    assert rows[1]["stage"] == "encode" and rows[1]["delta_ms"] == pytest.approx(50.0)
+
+
+def test_attribution_against_vllm_groups_the_stages_before_the_first_token() -> None:
+    report = build_report(runs(), 4, {})
+    found = [a for a in report["attribution"] if a["baseline"] == "vllm" and a["concurrency"] == 4]
+    assert [a["system"] for a in found] == ["coupled", "dvd-grpc"]
+    entry = found[1]
+    assert "request_throughput" in entry["slower_on"]
+    top = entry["stages"][0]
+    # dvd-grpc's transfer (400 ms) covers its queue and encode (320 ms): 80 ms are its own.
+    # Before its first token: 50+20+300+80+5+200 = 655 ms; vLLM: 10+400 = 410 ms.
+    assert top["stage"] == "until first token"
+    assert top["delta_ms"] == pytest.approx(245.0)
+    assert entry["culprit"] == "encode"
+    assert "encode" in entry["summary"] and "0.80x" in entry["summary"]
+    # dvd-grpc is faster than coupled: nothing to attribute there.
+    assert not [a for a in report["attribution"] if a["baseline"] == "coupled"]
+    coupled = found[0]
+    assert coupled["stages"][0]["stage"] == "until first token"
+    assert coupled["culprit"] == "encode"
+
+
+def test_exposed_transfer_is_what_queue_and_encode_do_not_cover() -> None:
+    assert exposed({"queue": 20.0, "encode": 300.0, "transfer": 400.0}) == {
+        "queue": 20.0,
+        "encode": 300.0,
+        "transfer": 80.0,
+    }
+    assert exposed({"encode": 300.0, "transfer": 5.0})["transfer"] == 0.0
+    assert exposed({"decode": 1.0}) == {"decode": 1.0}
+    report = build_report(runs(), 4, {})
+    assert report["systems"]["dvd-grpc"]["transfer_exposed_ms"] == pytest.approx(80.0)
+    assert report["systems"]["dvd-grpc"]["stages_ms"]["transfer"]["mean"] == pytest.approx(400.0)
+
+
+def test_attribution_when_no_stage_grew() -> None:
+    same: dict[str, Any] = {"request_throughput": 0.5, "output_throughput": 0.5}
+    same |= {n: {s: 1.0 for s in ("mean", "p50", "p90", "p99")} for n in ("ttft_ms", "tpot_ms")}
+    entry = attribute("a", "coupled", 1, same, {"encode": 10.0}, {"encode": 20.0}, "dvd")
+    assert entry is not None and entry["culprit"] is None
+    assert "no stage takes longer" in entry["summary"]
+    assert attribute("a", "coupled", 1, None, {}, {}, "dvd") is None
+
+
+PROMETHEUS = """# TYPE dvd_gateway_stage_seconds histogram
+dvd_gateway_stage_seconds_bucket{le="0.5",stage="encode"} 2.0
+dvd_gateway_stage_seconds_sum{stage="encode"} 0.6
+dvd_gateway_stage_seconds_count{stage="encode"} 3.0
+dvd_gateway_stage_seconds_sum{stage="decode"} 1.5
+dvd_gateway_stage_seconds_count{stage="decode"} 3.0
+# TYPE vllm:request_prefill_time_seconds histogram
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 0.9
+vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 3.0
+vllm:request_decode_time_seconds_sum{engine="0",model_name="m"} 1.2
+vllm:request_decode_time_seconds_count{engine="0",model_name="m"} 3.0
+"""
+
+
+def test_stage_metrics_parse_and_difference() -> None:
+    dvd = parse(PROMETHEUS, "dvd")
+    assert dvd["encode"] == StageStat(0.6, 3.0)
+    assert means_ms(dvd) == {"encode": pytest.approx(200.0), "decode": pytest.approx(500.0)}
+    vllm = parse(PROMETHEUS, "vllm")
+    assert set(vllm) == {"prefill", "decode"}
+    later = {**dvd, "encode": StageStat(1.6, 5.0)}
+    assert delta(dvd, later) == {"encode": StageStat(pytest.approx(1.0), 2.0)}  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="source"):
+        parse(PROMETHEUS, "other")
+
+
+def test_markdown_and_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from benchmarks.compare.plots import plot_all
+
+    data = runs()
+    data["dvd-vir"] = SystemRun("dvd-vir", "dvd-vir", "dvd", error="did not start: boom")
+    meta = {"traffic": QUICK.to_json(), "pinning": Pinning.split([0, 1]).to_json()}
+    report = build_report(data, 4, meta)
+    assert report["systems"]["dvd-vir"]["ok"] is False
+    text = render(report, "dvd bench compare --quick")
+    assert "## Headline: concurrency 4" in text
+    assert "| dvd-grpc | 3.20 |" in text
+    assert "until first token" in text
+    assert "dvd-vir: **not measured (fully)**: did not start: boom" in text
+    for path in plot_all(data, 4, tmp_path):
+        assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_watch_and_the_busy_note() -> None:
+    from benchmarks.compare.interference import CpuWatch, tree_cpu_s
+
+    watch = CpuWatch()
+    watch.start()
+    sum(range(10**6))
+    other = watch.stop()
+    assert other is None or other >= 0.0
+    assert tree_cpu_s() > 0
+    data = runs()
+    level = data["dvd-grpc"].levels[1]
+    data["dvd-grpc"].levels[1] = LevelRun(level.concurrency, level.result, level.stages, 0.8)
+    report = build_report(data, 4, {"traffic": QUICK.to_json()})
+    assert report["systems"]["dvd-grpc"]["other_cpus"] == 0.8
+    assert "dvd-grpc c=4: 0.80" in render(report)
+
+
+def test_pinning_and_launch_plans(tmp_path: Path) -> None:
+    assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert Pinning.split([0, 1]) == Pinning("0", "1", "0-1")
+    assert Pinning.split([3]) == Pinning("3", "3", "3")
+    assert Pinning.split(list(range(8))) == Pinning("0-3", "4-7", "0-7")
+    specs = {s.name: s for s in lineup("shm")}
+    assert list(specs) == ["vllm", "coupled", "dvd-grpc", "dvd-shm", "dvd-vir"]
+    assert specs["dvd-vir"].extra_body == {"vir_mode": "router"}
+    assert specs["dvd-vir"].checkpoint == "vir"
+    assert [s.name for s in lineup(None)][-1] == "dvd-vir"
+    pinning, sizing = Pinning("0", "1", "0-1"), Sizing()
+    coupled = dvd_argv(specs["coupled"], tmp_path, 8000, sizing, pinning)
+    assert coupled[coupled.index("--language-cpus") + 1] == "0-1"
+    assert "--coupled" in coupled and "--vision-cpus" not in coupled
+    split = dvd_argv(specs["dvd-shm"], tmp_path, 8000, sizing, pinning)
+    assert split[split.index("--vision-cpus") + 1] == "0"
+    assert split[split.index("--transport") + 1] == "shm"
+    assert split[split.index("--kv-cache-gib") + 1] == "1"
+    vllm = server_argv("python", tmp_path / "m-hf", 9000, sizing)
+    assert vllm[vllm.index("--kv-cache-memory-bytes") + 1] == str(2**30)
+    assert "--enforce-eager" in vllm and vllm[vllm.index("--served-model-name") + 1] == "m-hf"
+    assert torchvision_release("2.13.0+cpu") == "0.28"
+    with pytest.raises(ValueError):
+        torchvision_release("3.0")
+    assert isinstance(specs["vllm"], SystemSpec) and specs["vllm"].coupled
+
+
+def test_traffic_levels_use_their_own_seeds_and_distinct_images() -> None:
+    traffic = Traffic(concurrencies=(1, 4), min_requests=8, rounds=4)
+    first, second = (
+        traffic.level("http://x", 0),
+        traffic.level("http://x", 1, {"vir_mode": "router"}),
+    )
+    assert (first.concurrency, first.num_requests, second.num_requests) == (1, 8, 16)
+    assert first.seed != second.seed != traffic.warmup("http://x").seed
+    assert second.image_variants == 16 and second.ignore_eos
+    assert dict(second.extra_body) == {"vir_mode": "router"}
+
+
+def test_omp_binding_from_a_vllm_log() -> None:
+    log = "x [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0]\n y \treserved_cpus=[1]\n"
+    assert (
+        omp_binding(log)
+        == "vLLM bound its OpenMP threads to CPUs [0], reserved [1] for its other processes"
+    )
+    assert omp_binding("nothing") is None
+
+
+def test_sitecustomize_defines_torchvision_schemas_on_import(tmp_path: Path) -> None:
+    """The hook defines the schemas only when `torchvision` is imported (here a stub that
+    checks they exist, like torchvision's _meta_registrations does)."""
+    stub = tmp_path / "torchvision"
+    stub.mkdir()
+    (stub / "__init__.py").write_text(
+        "import torch\n"
+        "torch.library.register_fake('torchvision::nms')(lambda dets, scores, iou: dets)\n"
+    )
+    site = ROOT / "benchmarks" / "compare" / "vllm_site"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(tmp_path)])}
+    code = "import sys; assert 'torch' not in sys.modules; import torchvision; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+# benchmarks/gpu.sh: its Python part on the CPU with tiny shapes.
+
+
+def test_gpu_shapes_are_the_real_internvit_sizes() -> None:
+    import torch
+
+    from benchmarks.gpu.shapes import SHAPES
+    from vision_server.model import InternVLVision
+
+    small, big = SHAPES["internvit-300m"], SHAPES["internvit-6b"]
+    assert (small.tokens, small.tokens_out) == (1025, 256)
+    assert 0.72e12 < small.flops_per_tile() < 0.76e12  # ~720 GFLOP of ViT + the projector
+    assert 11.5e12 < big.flops_per_tile() < 12.5e12
+    with torch.device("meta"):
+        vit_300m = InternVLVision(small.internvl_config()).vision_model
+        vit_6b = InternVLVision(big.internvl_config()).vision_model
+    assert 0.28e9 < sum(p.numel() for p in vit_300m.parameters()) < 0.32e9
+    assert 5.5e9 < sum(p.numel() for p in vit_6b.parameters()) < 6.0e9
+    assert big.feature_bytes(1) == 256 * 5120 * 2
+
+
+def test_gpu_sh_cpu_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_LIMIT_S": "240"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--cpu-smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "cpu-smoke" and report["problems"] == []
+    assert report["matmul"]["tflops"] > 0
+    for entry in report["vit"].values():
+        assert [row["batch"] for row in entry["batches"]] == [1, 2]
+        assert all(row["tiles_per_s"] > 0 and row["fraction_of_matmul"] for row in entry["batches"])
+    rows = report["transfer"]["results"]
+    assert {row["transport"] for row in rows} == {"grpc", "shm"}
+    assert all(row["gib_per_s"] > 0 for row in rows)
+    assert set(report["transfer"]["ceilings_gib_per_s"]) == {
+        "d2h_pageable",
+        "d2h_pinned",
+        "memcpy",
+        "socket",
+    }
+    summary = (out / "summary.txt").read_text()
+    assert "tiles/s" in summary and "transfer shm" in summary
+
+
+def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:
+    import torch
+
+    from benchmarks.gpu.main import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["--out", str(tmp_path)]) == 2
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "no CUDA device" in report["problems"][0]
+
+
+def test_gpu_check_stubs_import_here() -> None:
+    from benchmarks.gpu.stubs import import_error
+
+    assert import_error() is None
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_compare_runs_vllm_and_coupled_on_the_tiny_preset(tmp_path: Path) -> None:
+    """vLLM's own server and dvd --coupled on the same tiny weights answer alike."""
+    import argparse
+
+    from benchmarks.compare.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "compare"
+    args = parser.parse_args(
+        [
+            "compare",
+            "--quick",
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--vir-preset",
+            "tiny-flash",
+            "--systems",
+            "vllm,coupled",
+            "--concurrency",
+            "1",
+            "--image-sizes",
+            "448x448",
+            "--output-tokens",
+            "8",
+        ]
+    )
+    assert args.func(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["systems"]) == {"vllm", "coupled"}
+    coupled = report["systems"]["coupled"]
+    assert coupled["ok"] and coupled["errors"] == 0
+    assert coupled["greedy"]["matches_vllm"] == {"text": True, "image": True}
+    assert coupled["ratio_to_vllm"]["request_throughput"] > 0
+    assert (out / "report.md").exists() and (out / "ttft.png").exists()
