@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
                 ignore_eos=True,
                 warmup_requests=2,
                 extra_body={"vir_mode": mode},
+                # A different image every request: repeats would hit the encoder cache and
+                # leave the ViT, half of what is compared, out of the measurement.
+                image_variants=args.num_requests + 2,
             )
             result = asyncio.run(run_benchmark(config))
             images = vision_counter(metrics, "dvd_vision_images_total") - before_images
