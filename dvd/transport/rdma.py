@@ -29,7 +29,6 @@ The protocol, and who does what:
 from __future__ import annotations
 
 import asyncio
-import bisect
 import ctypes
 import itertools
 import logging
@@ -52,6 +51,7 @@ from dvd.transport.base import (
     RequestShape,
     StaleConnection,
 )
+from dvd.transport.first_fit import ALIGNMENT, FirstFit, aligned
 from dvd.transport.regions import ImageRegions
 from dvd.transport.verbs import (
     DeviceOpener,
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_BYTES = 1024 * 2**20
 MAX_BUFFER_BYTES = 2**32  # the immediate (32 bits) carries a byte offset in the buffer
-ALIGNMENT = 4096
+
 RECV_DEPTH = 1024  # receive work requests kept posted per connection
 SEND_DEPTH = 64  # RDMA writes in flight per queue pair
 CONNECT_TIMEOUT_S = 10.0
@@ -95,10 +95,6 @@ def buffer_address(buffer: mmap.mmap) -> int:
     return address
 
 
-def _aligned(length: int) -> int:
-    return max(ALIGNMENT, (length + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT)
-
-
 def endpoint_to_wire(endpoint: Endpoint) -> vision_pb2.RdmaEndpoint:
     return vision_pb2.RdmaEndpoint(
         gid=endpoint.gid, qpn=endpoint.qpn, psn=endpoint.psn, lid=endpoint.lid
@@ -109,41 +105,6 @@ def endpoint_from_wire(message: vision_pb2.RdmaEndpoint) -> Endpoint:
     endpoint = Endpoint(bytes(message.gid), message.qpn, message.psn, message.lid)
     endpoint.check()
     return endpoint
-
-
-class FirstFit:
-    """Aligned regions of a buffer handed out first fit, coalesced again when freed."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.allocated = 0
-        self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted, disjoint
-        self._lock = threading.Lock()
-
-    def allocate(self, length: int) -> int | None:
-        length = _aligned(length)
-        with self._lock:
-            for i, (offset, free) in enumerate(self._free):
-                if free >= length:
-                    if free == length:
-                        del self._free[i]
-                    else:
-                        self._free[i] = (offset + length, free - length)
-                    self.allocated += length
-                    return offset
-        return None
-
-    def free(self, offset: int, length: int) -> None:
-        length = _aligned(length)
-        with self._lock:
-            i = bisect.bisect(self._free, (offset, 0))
-            self._free.insert(i, (offset, length))
-            self.allocated -= length
-            if i + 1 < len(self._free) and offset + length == self._free[i + 1][0]:
-                self._free[i] = (offset, length + self._free.pop(i + 1)[1])
-            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
-                self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
-                del self._free[i]
 
 
 # --- the language server's side --------------------------------------------------------
@@ -300,7 +261,7 @@ class Receiver(FeatureReceiver):
             raise ValueError(
                 f"rdma buffer_bytes={buffer_bytes}: must lie in [{ALIGNMENT}, {MAX_BUFFER_BYTES}]"
             )
-        self.size = min(_aligned(buffer_bytes), MAX_BUFFER_BYTES)
+        self.size = min(aligned(buffer_bytes), MAX_BUFFER_BYTES)
         self.device: VerbsDevice = open_device(device, gid_index=gid_index)
         try:
             self.buffer = anonymous_buffer(self.size)
@@ -710,7 +671,7 @@ class Sender(FeatureSender):
         region = self._staging_region
         if region is not None and region.length >= length:
             return region
-        size = _aligned(max(MIN_STAGING_BYTES, 1 << (max(length, 1) - 1).bit_length()))
+        size = aligned(max(MIN_STAGING_BYTES, 1 << (max(length, 1) - 1).bit_length()))
         self._close_staging()
         self._staging = anonymous_buffer(size)
         self._staging_region = self.device.register(buffer_address(self._staging), size, False)

@@ -11,20 +11,19 @@ no longer alive. The pid in the name is the only state needed for that.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import mmap
 import os
 import re
 import secrets
-import threading
 from pathlib import Path
+
+from dvd.transport.first_fit import ALIGNMENT, FirstFit
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "dvd-arena-"
-ALIGNMENT = 4096
 _NAME = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]+$")
 
 
@@ -75,38 +74,19 @@ class Arena:
             self.path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        self._lock = threading.Lock()
-        self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, length), sorted
-        self.allocated = 0
+        self._regions = FirstFit(self.size)
         log.info("shared-memory arena %s: %.0f MiB", self.path, self.size / 2**20)
+
+    @property
+    def allocated(self) -> int:
+        return self._regions.allocated
 
     def allocate(self, length: int) -> int | None:
         """Offset of a region of at least `length` bytes, or None when none is free."""
-        length = max(ALIGNMENT, (length + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT)
-        with self._lock:
-            for i, (offset, free) in enumerate(self._free):
-                if free >= length:
-                    if free == length:
-                        del self._free[i]
-                    else:
-                        self._free[i] = (offset + length, free - length)
-                    self.allocated += length
-                    return offset
-        return None
+        return self._regions.allocate(length)
 
     def free(self, offset: int, length: int) -> None:
-        length = max(ALIGNMENT, (length + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT)
-        with self._lock:
-            i = bisect.bisect(self._free, (offset, 0))
-            self._free.insert(i, (offset, length))
-            self.allocated -= length
-            # Coalesce with the neighbours on both sides.
-            if i + 1 < len(self._free) and offset + length == self._free[i + 1][0]:
-                self._free[i] = (offset, length + self._free[i + 1][1])
-                del self._free[i + 1]
-            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == self._free[i][0]:
-                self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
-                del self._free[i]
+        self._regions.free(offset, length)
 
     def view(self, offset: int, length: int) -> memoryview:
         return memoryview(self.buffer)[offset : offset + length]
