@@ -35,6 +35,18 @@ class FirstFit:
                     return offset
         return None
 
+    def allocate_all(self, lengths: list[int]) -> list[int] | None:
+        """A region for each length, or none at all (None) when they do not all fit."""
+        offsets: list[int] = []
+        for length in lengths:
+            offset = self.allocate(length)
+            if offset is None:
+                for taken, size in zip(offsets, lengths, strict=False):
+                    self.free(taken, size)
+                return None
+            offsets.append(offset)
+        return offsets
+
     def free(self, offset: int, length: int) -> None:
         length = aligned(length)
         with self._lock:

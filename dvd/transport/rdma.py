@@ -337,21 +337,16 @@ class Receiver(FeatureReceiver):
                 connection.stale,
             )
             return self._fallback.open(shape)
-        offsets: list[int] = []
-        for capacity in shape.image_capacities:
-            offset = self.allocator.allocate(capacity)
-            if offset is None:
-                for taken, size in zip(offsets, shape.image_capacities, strict=False):
-                    self.allocator.free(taken, size)
-                log.warning(
-                    "request %s: rdma buffer full (%d of %d bytes in use); "
-                    "its features travel over grpc",
-                    shape.request_id,
-                    self.allocator.allocated,
-                    self.allocator.size,
-                )
-                return self._fallback.open(shape)
-            offsets.append(offset)
+        offsets = self.allocator.allocate_all(shape.image_capacities)
+        if offsets is None:
+            log.warning(
+                "request %s: rdma buffer full (%d of %d bytes in use); "
+                "its features travel over grpc",
+                shape.request_id,
+                self.allocator.allocated,
+                self.allocator.size,
+            )
+            return self._fallback.open(shape)
         reception = RdmaReception(self, connection, shape, offsets)
         self.receptions.add(reception)
         return reception

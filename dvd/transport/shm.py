@@ -76,21 +76,16 @@ class Receiver(FeatureReceiver):
         self._fallback = grpc_stream.Receiver()
 
     def open(self, shape: RequestShape) -> Reception:
-        offsets: list[int] = []
-        for capacity in shape.image_capacities:
-            offset = self.arena.allocate(capacity)
-            if offset is None:
-                for taken, size in zip(offsets, shape.image_capacities, strict=False):
-                    self.arena.free(taken, size)
-                log.warning(
-                    "request %s: shared-memory arena full (%d of %d bytes in use); "
-                    "its features travel over grpc",
-                    shape.request_id,
-                    self.arena.allocated,
-                    self.arena.size,
-                )
-                return self._fallback.open(shape)
-            offsets.append(offset)
+        offsets = self.arena.allocate_all(shape.image_capacities)
+        if offsets is None:
+            log.warning(
+                "request %s: shared-memory arena full (%d of %d bytes in use); "
+                "its features travel over grpc",
+                shape.request_id,
+                self.arena.allocated,
+                self.arena.size,
+            )
+            return self._fallback.open(shape)
         return ShmReception(self.arena, shape, offsets)
 
     def close(self) -> None:

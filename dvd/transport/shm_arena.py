@@ -85,6 +85,9 @@ class Arena:
         """Offset of a region of at least `length` bytes, or None when none is free."""
         return self._regions.allocate(length)
 
+    def allocate_all(self, lengths: list[int]) -> list[int] | None:
+        return self._regions.allocate_all(lengths)
+
     def free(self, offset: int, length: int) -> None:
         self._regions.free(offset, length)
 
