@@ -7,6 +7,7 @@ import multiprocessing as mp
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -79,31 +80,39 @@ async def _transfer_once(
         reception.release()
 
 
-async def transport_gib_per_s(
+CONTROL_SHAPE = Shape(hidden=8, tiles=1)
+"""A transfer of a few KiB: its time is the fixed cost of one Encode call (request, plan,
+chunk and done messages), which every transport pays on top of moving the bytes."""
+
+
+@dataclass(frozen=True)
+class TransportTimes:
+    control_s: float  # best time of a CONTROL_SHAPE transfer
+    best_s: dict[Shape, float]  # best time per shape
+
+
+async def transport_times(
     address: str, name: str, shapes: list[Shape], repeats: int
-) -> dict[Shape, float]:
-    """Best-of-`repeats` throughput of transport `name` for each shape."""
+) -> TransportTimes:
+    """Best-of-`repeats` time of transport `name` for each shape, and its fixed cost."""
     receiver = make_receiver(name, arena_bytes=max(s.bytes for s in shapes) * 2)
     try:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             stub = vision_pb2_grpc.VisionServiceStub(channel)
             connection = await receiver.attach(address, stub)
-            results = {}
-            for shape in shapes:
+
+            async def best(shape: Shape, rounds: int) -> float:
                 await _transfer_once(stub, receiver, connection, shape)  # warm-up
-                best = min(
-                    [
-                        await _transfer_once(stub, receiver, connection, shape)
-                        for _ in range(repeats)
-                    ]
-                )
-                results[shape] = shape.bytes / best / 2**30
-            return results
+                times = [
+                    await _transfer_once(stub, receiver, connection, shape) for _ in range(rounds)
+                ]
+                return min(times)
+
+            control = await best(CONTROL_SHAPE, max(2 * repeats, 10))
+            return TransportTimes(control, {shape: await best(shape, repeats) for shape in shapes})
     finally:
         receiver.close()
 
 
-def measure_transport(
-    address: str, name: str, shapes: list[Shape], repeats: int
-) -> dict[Shape, float]:
-    return asyncio.run(transport_gib_per_s(address, name, shapes, repeats))
+def measure_transport(address: str, name: str, shapes: list[Shape], repeats: int) -> TransportTimes:
+    return asyncio.run(transport_times(address, name, shapes, repeats))

@@ -22,6 +22,9 @@ class Row:
     gib_per_s: float
     ceiling: float
     ratio: float
+    control_ms: float  # the fixed cost of one Encode call with this transport
+    data_gib_per_s: float  # bytes over (time - control): the data plane alone
+    data_ratio: float
 
 
 def machine() -> dict[str, Any]:
@@ -49,11 +52,13 @@ def write_json(path: str | Path, report: dict[str, Any]) -> None:
 def table(ceilings: dict[str, float], rows: list[Row]) -> str:
     lines = [
         "ceilings: " + ", ".join(f"{k} {v:.2f} GiB/s" for k, v in ceilings.items()),
-        f"{'transport':<10}{'hidden':>7}{'tiles':>6}{'MiB':>9}{'GiB/s':>9}{'ceiling':>9}{'ratio':>7}",
+        f"{'transport':<10}{'hidden':>7}{'tiles':>6}{'MiB':>9}{'GiB/s':>9}{'ceiling':>9}"
+        f"{'ratio':>7}{'call ms':>9}{'data GiB/s':>12}{'ratio':>7}",
     ]
     for r in rows:
         lines.append(
             f"{r.transport:<10}{r.hidden:>7}{r.tiles:>6}{r.bytes / 2**20:>9.1f}"
             f"{r.gib_per_s:>9.2f}{r.ceiling:>9.2f}{r.ratio:>7.2f}"
+            f"{r.control_ms:>9.2f}{r.data_gib_per_s:>12.2f}{r.data_ratio:>7.2f}"
         )
     return "\n".join(lines)
