@@ -4,7 +4,7 @@
 # NEVER RUN AGAINST A DEVICE. This script was written on machines that have no RDMA device
 # and whose kernel has no InfiniBand support. There, only its prerequisite checks have run
 # (they stop with status 3: no device). The transfer itself, and the pyverbs code path it
-# exercises (dvd/transport/verbs.py), have never executed against a device; the transport's
+# exercises (dvd/transport/rdma/verbs.py), have never executed against a device; the transport's
 # logic is tested only against an in-process fake (tests/test_rdma.py), and the Python
 # driver's own logic was run once in a single process over that fake. Expect to debug on
 # first use, and treat its first numbers with suspicion until they are checked by hand.

@@ -1,4 +1,4 @@
-"""The rdma transport against the FAKE verbs of dvd/transport/fake_verbs.py.
+"""The rdma transport against the FAKE verbs of dvd/transport/rdma/fake_verbs.py.
 
 No RDMA device exists where these tests run, so the queue pairs, registrations and writes
 are the in-process fake's; the gRPC RdmaConnect between receiver and sender is real (a
@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from dvd.features import FEATURES_NAME, wire_dtype
-from dvd.transport import fake_verbs, grpc_stream, rdma, receiver_class, sender_class
+from dvd.transport import grpc_stream, rdma, receiver_class, sender_class
 from dvd.transport.base import Emission, Reception, RequestShape
-from dvd.transport.fake_verbs import FakeFabric, FakeQpState
-from dvd.transport.verbs import Endpoint, RdmaUnavailable, WcStatus
+from dvd.transport.first_fit import ALIGNMENT, FirstFit
+from dvd.transport.rdma import fake_verbs
+from dvd.transport.rdma.fake_verbs import FakeFabric, FakeQpState
+from dvd.transport.rdma.verbs import Endpoint, RdmaUnavailable, WcStatus
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 
 HIDDEN = 64
@@ -455,7 +457,7 @@ def test_release_frees_regions_and_a_full_buffer_falls_back_to_grpc(
         again.release()
         assert receiver.allocator.allocated == 2 * CAPACITY
         assert receiver.open(shape(connection_id, 2)).destination is not None  # other space
-        monkeypatch.setattr(rdma, "QUARANTINE_S", 0.0)
+        monkeypatch.setattr("dvd.transport.rdma.receiver.QUARANTINE_S", 0.0)
         receiver.quarantine = [(0.0, regions) for _, regions in receiver.quarantine]
         receiver.open(shape(connection_id, 1)).release()  # open() ends due quarantines
         assert receiver.allocator.allocated == 2 * CAPACITY + CAPACITY  # the held + new ones
@@ -464,8 +466,8 @@ def test_release_frees_regions_and_a_full_buffer_falls_back_to_grpc(
 
 
 def test_first_fit_allocator_coalesces() -> None:
-    page = rdma.ALIGNMENT
-    space = rdma.FirstFit(8 * page)
+    page = ALIGNMENT
+    space = FirstFit(8 * page)
     a, b, c = space.allocate(page), space.allocate(3 * page), space.allocate(4 * page)
     assert (a, b, c) == (0, page, 4 * page)
     assert space.allocate(1) is None

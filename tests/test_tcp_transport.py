@@ -23,7 +23,7 @@ from dvd.features import FEATURES_NAME, wire_dtype
 from dvd.transport import receiver_class, sender_class
 from dvd.transport.base import RequestShape
 from dvd.transport.tcp import Receiver, Sender, TcpEmission, TcpReception
-from dvd.transport.tcp_wire import HEADER, ByteRanges, FrameHeader, parse_address
+from dvd.transport.tcp.wire import HEADER, ByteRanges, FrameHeader, parse_address
 from dvd.v1 import common_pb2, vision_pb2
 
 ROWS_PER_TILE = 256

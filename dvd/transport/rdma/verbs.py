@@ -1,6 +1,6 @@
 """The few RDMA verbs the rdma transport uses, behind a small interface, and pyverbs under it.
 
-rdma.py talks to `VerbsDevice`, `QueuePair` and `MemoryRegion` only. `open_device()` gives
+The transport talks to `VerbsDevice`, `QueuePair` and `MemoryRegion` only. `open_device()` gives
 the real implementation over pyverbs; tests inject the in-process FAKE of fake_verbs.py.
 pyverbs is imported inside this module's functions, only when a device is opened: it ships
 with the distribution's rdma-core (Debian/Ubuntu: `apt install python3-pyverbs`, which pip

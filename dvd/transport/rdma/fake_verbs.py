@@ -34,7 +34,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from dvd.transport.verbs import (
+from dvd.transport.rdma.verbs import (
     GID_BYTES,
     MAX_IMMEDIATE,
     PSN_BITS,

@@ -1,54 +1,5 @@
-"""The tcp transport: control over gRPC, feature bytes over a plain TCP socket.
-
-The language server (Receiver) listens on one data port. Per request it takes one
-preallocated buffer per image, sized for the most rows an image can have, and registers
-them under 16 random bytes, the token. The vision server (Sender) writes the rows of each
-`chunks()` call as one frame (tcp_wire: header with token, image, byte offset, length; then
-the raw bytes) on a persistent connection, then yields the FeatureChunks, of at most
-max_chunk_bytes each, whose `written` says which bytes of the image's buffer hold their
-rows. A reader thread per connection checks each header against the token's buffers and
-lets the kernel copy the payload straight into the buffer slice (recv_into with
-MSG_WAITALL: no intermediate copy). `settle()` then waits, without blocking the event loop,
-until every byte range the stream announced has landed; frames may land before or after
-the chunks that announce them, and one frame may hold many chunks.
-
-Why a frame per call rather than per chunk: a Python reader takes the GIL twice per frame,
-and in a language server whose event loop keeps the GIL busy each take can cost up to the
-5 ms switch interval. Measured here (2 shared, noisy cores, loopback, sender in another
-process, 4 and 13 tiles of 256 x 4096 bf16, medians of 30 alternating rounds, time from
-asking the sender to settle() returning), as a fraction of a plain socket read into a
-preallocated buffer: with an idle receiving process 0.63-1.01 (mostly 0.8-0.9) for a frame
-per call against 0.65-0.85 for a frame per 2 MiB chunk; with a busy Python thread beside
-the receiver 0.8-2.3 (the plain recv_into loop waits for the GIL too) against 0.6-0.93.
-
-Only a connection that presents a live token can write, and only inside that token's
-buffers (offsets and lengths are checked, in whole rows). A frame outside the buffers fails
-its request and closes the connection; a frame with an unknown token closes the
-connection; a frame for a recently released token is read and dropped (late bytes). The
-token is a capability, not encryption: run the data port on a trusted network.
-
-Where the sender writes. `Emission.chunks()` is a plain generator that the vision server
-iterates inside its grpc.aio event loop, so it cannot await a sending thread: handing the
-frame to a thread and waiting blocks the loop just the same, and yielding before the send
-completes would announce bytes that may never arrive (a failed send would then surface
-only as the receiver's settle timeout, since `done` follows the last chunk). So
-`chunks()` sends with blocking `sendmsg` calls (the GIL is released meanwhile) and yields
-once the frame is out. That blocks the loop for the frame's bytes: with 13 tiles per call,
-a 0.5 ms asyncio ticker beside the sender saw gaps of 10-33 ms (1 ms median, 3 ms max
-idle); throughput is unaffected. `achunks()` is the same as an async generator that sends
-on a worker thread (gaps 1-3 ms median, 4-11 ms max, same throughput); the vision server
-should use it once `Emission` has an async variant. Until then, Sender(max_frame_bytes=)
-bounds each stall at the cost of more frames. A receiver that stops reading is bounded by
-the send timeout (SO_SNDTIMEO, 10 s).
-
-Failures: a receiver that cannot be reached, or whose connection breaks twice in a row,
-makes `chunks()` raise ConnectionError; ValueError is kept for a bad destination or rows
-that do not fit, which are the caller's fault.
-
-Received buffers are reused: a released request's buffers go back to a free list (up to
-`pool_bytes`) once no reader is writing into them; fresh pages cost a receiver about a
-third of its throughput in page faults (1.4-1.6 against 2.2-2.4 GiB/s here).
-"""
+"""The tcp transport's language-server side: the data listener, one reader thread per
+connection, and each request's buffers (see the package docstring for the protocol)."""
 
 from __future__ import annotations
 
@@ -61,25 +12,22 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
 
 import torch
 
-from dvd.features import FEATURES_NAME, torch_dtype, wire_dtype
-from dvd.transport.base import Emission, FeatureReceiver, FeatureSender, Reception, RequestShape
-from dvd.transport.tcp_wire import (
+from dvd.features import torch_dtype
+from dvd.transport.base import FeatureReceiver, Reception, RequestShape
+from dvd.transport.tcp.wire import (
     HEADER,
     TOKEN_BYTES,
     ByteRanges,
-    ConnectionPool,
     FrameHeader,
     ProtocolError,
     discard,
     join_address,
-    parse_address,
     recv_exactly,
 )
-from dvd.v1 import common_pb2, vision_pb2
+from dvd.v1 import vision_pb2
 
 log = logging.getLogger(__name__)
 
@@ -462,146 +410,3 @@ class Receiver(FeatureReceiver):
             scratch = scratch or memoryview(bytearray(2**20))
             if not discard(sock, header.length, scratch):
                 return
-
-
-class TcpEmission(Emission):
-    def __init__(
-        self, pool: ConnectionPool, token: bytes, capacities: list[int], max_frame_bytes: int
-    ) -> None:
-        self._pool = pool
-        self._token = token
-        self._capacities = capacities
-        self._max_frame_bytes = max_frame_bytes
-
-    def chunks(
-        self, image_index: int, first_row: int, rows: torch.Tensor, max_chunk_bytes: int
-    ) -> Iterator[vision_pb2.FeatureChunk]:
-        """Sends each frame from the calling thread, then yields the chunks that announce
-        its rows."""
-        for header, payload, chunks in self._frames(image_index, first_row, rows, max_chunk_bytes):
-            self._pool.send(header, payload)
-            yield from chunks
-
-    async def achunks(
-        self, image_index: int, first_row: int, rows: torch.Tensor, max_chunk_bytes: int
-    ) -> AsyncIterator[vision_pb2.FeatureChunk]:
-        """chunks() for callers that can await: frames are sent on a worker thread, so the
-        event loop runs on while the kernel drains them. Not in the Emission interface
-        yet (see the module docstring)."""
-        for header, payload, chunks in self._frames(image_index, first_row, rows, max_chunk_bytes):
-            await asyncio.to_thread(self._pool.send, header, payload)
-            for chunk in chunks:
-                yield chunk
-
-    def _frames(
-        self, image_index: int, first_row: int, rows: torch.Tensor, max_chunk_bytes: int
-    ) -> list[tuple[bytes, memoryview, list[vision_pb2.FeatureChunk]]]:
-        """The rows as frames (header, payload viewing the tensor's bytes), each with the
-        chunks of whole rows, at most max_chunk_bytes (at least one row), that announce
-        its parts in the stream. One frame unless max_frame_bytes cuts them."""
-        if not 0 <= image_index < len(self._capacities):
-            raise ValueError(f"no buffer for image {image_index}")
-        if rows.dim() != 2 or first_row < 0:
-            raise ValueError(f"rows must be [rows, hidden] from row >= 0, got {list(rows.shape)}")
-        rows = rows.detach().cpu().contiguous()
-        count, hidden = rows.shape
-        row_bytes = hidden * rows.element_size()
-        start = first_row * row_bytes
-        if start + count * row_bytes > self._capacities[image_index]:
-            raise ValueError(f"image {image_index}'s features overflow its buffer")
-        dtype = wire_dtype(rows.dtype)
-        data = rows.reshape(-1).view(torch.uint8).numpy().data  # a view: no copy
-        chunk_rows = max(1, max_chunk_bytes // row_bytes)
-        frame_rows = count
-        if self._max_frame_bytes > 0:  # whole chunks per frame, at least one
-            frame_rows = max(1, self._max_frame_bytes // row_bytes // chunk_rows) * chunk_rows
-        frames = []
-        for frame_first in range(0, count, frame_rows):
-            frame_end = min(count, frame_first + frame_rows)
-            chunks = [
-                vision_pb2.FeatureChunk(
-                    image_index=image_index,
-                    row_offset=first_row + first,
-                    descriptor=common_pb2.TensorDescriptor(
-                        name=FEATURES_NAME,
-                        dtype=dtype,
-                        shape=[min(chunk_rows, frame_end - first), hidden],
-                    ),
-                    written=vision_pb2.RegionWrite(
-                        offset=start + first * row_bytes,
-                        length=min(chunk_rows, frame_end - first) * row_bytes,
-                    ),
-                )
-                for first in range(frame_first, frame_end, chunk_rows)
-            ]
-            offset, length = frame_first * row_bytes, (frame_end - frame_first) * row_bytes
-            header = FrameHeader(self._token, image_index, start + offset, length).pack()
-            frames.append((header, data[offset : offset + length], chunks))
-        return frames
-
-
-class Sender(FeatureSender):
-    """Keeps up to `connections_per_receiver` persistent connections to each of the last
-    `max_receivers` receivers it wrote to. `max_frame_bytes` > 0 cuts the rows of one
-    chunks() call into several frames (whole chunks each); 0 sends them as one."""
-
-    name = "tcp"
-
-    def __init__(
-        self,
-        *,
-        connections_per_receiver: int = 4,
-        connect_timeout_s: float = 5.0,
-        send_timeout_s: float = 10.0,
-        max_receivers: int = 64,
-        max_frame_bytes: int = 0,
-    ) -> None:
-        if connections_per_receiver < 1 or max_receivers < 1:
-            raise ValueError("connections_per_receiver and max_receivers must be >= 1")
-        if connect_timeout_s <= 0 or send_timeout_s <= 0:
-            raise ValueError("connect_timeout_s and send_timeout_s must be > 0")
-        self._per_receiver = connections_per_receiver
-        self._connect_timeout_s = connect_timeout_s
-        self._send_timeout_s = send_timeout_s
-        self._max_receivers = max_receivers
-        self._max_frame_bytes = max_frame_bytes
-        self._pools: OrderedDict[str, ConnectionPool] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def open(self, request: vision_pb2.EncodeRequest) -> Emission:
-        if request.destination.WhichOneof("kind") != "tcp":
-            raise ValueError("the request has no tcp destination")
-        destination = request.destination.tcp
-        parse_address(destination.address)
-        if len(destination.token) != TOKEN_BYTES:
-            raise ValueError(f"tcp token must be {TOKEN_BYTES} bytes")
-        capacities = list(destination.image_capacities)
-        if len(capacities) != len(request.images):
-            raise ValueError("tcp destination must give one capacity per image")
-        if any(c < 0 for c in capacities):
-            raise ValueError("tcp image capacities must be >= 0")
-        pool = self._pool(destination.address)
-        return TcpEmission(pool, destination.token, capacities, self._max_frame_bytes)
-
-    def close(self) -> None:
-        with self._lock:
-            pools = list(self._pools.values())
-            self._pools.clear()
-        for pool in pools:
-            pool.retire()
-
-    def _pool(self, address: str) -> ConnectionPool:
-        with self._lock:
-            pool = self._pools.get(address)
-            if pool is None:
-                pool = ConnectionPool(
-                    address, self._per_receiver, self._connect_timeout_s, self._send_timeout_s
-                )
-                self._pools[address] = pool
-            self._pools.move_to_end(address)
-            evicted = []
-            while len(self._pools) > self._max_receivers:
-                evicted.append(self._pools.popitem(last=False)[1])
-        for old in evicted:
-            old.retire()
-        return pool
