@@ -35,8 +35,13 @@ async def serve_until_signal(
     address: str,
     grace_s: float,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    on_draining: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Starts `server`, waits for SIGTERM/SIGINT, stops taking calls and drains for grace_s."""
+    """Starts `server`, waits for SIGTERM/SIGINT, stops taking calls and drains for grace_s.
+
+    `on_draining` runs first, while the server still serves: long-lived streams use it to
+    finish their calls and end themselves within the grace period. `on_stop` runs last.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,6 +52,8 @@ async def serve_until_signal(
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     log.info("%s stopping; in-flight calls get %.0f s to finish", name, grace_s)
+    if on_draining is not None:
+        await on_draining()
     await server.stop(grace_s)
     stopper.cancel()
     if on_stop is not None:

@@ -1,14 +1,17 @@
 """DvD mode: features come from vision servers over gRPC, their bytes through a transport.
 
 Each request goes to the vision server with the fewest images in flight from this
-language server (ties: round robin). A request that fails with UNAVAILABLE before any
-response arrived is retried once on another server; after the first response it is not.
-The transport's receiver (dvd.transport) prepares where the features land; its memory is
-released once the prompt has been assembled from them (EncodedImages.release).
+language server (ties: round robin). It travels as a call on that server's EncodeSession
+stream (dvd.encode_session), or, when its bytes travel inside the stream (grpc), on an
+Encode RPC of its own. A request that fails with UNAVAILABLE before any response arrived
+is retried once on another server; after the first response it is not. The transport's
+receiver (dvd.transport) prepares where the features land; its memory is released once
+the prompt has been assembled from them (EncodedImages.release).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -17,6 +20,7 @@ import grpc
 import torch
 
 from dvd import vir_mode
+from dvd.encode_session import CallFailed, EncodeCall, EncodeSession
 from dvd.errors import DvdError, InvalidInput, Unavailable
 from dvd.features import wire_dtype
 from dvd.grpc_options import CHANNEL_OPTIONS
@@ -34,6 +38,7 @@ class VisionServer:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+        self.session = EncodeSession(self.stub)  # every Encode call to it goes here
         self.images_in_flight = 0
         self.connection: str | None = None  # the transport's connection id, once attached
 
@@ -122,20 +127,28 @@ class VisionPool:
         if reception.destination is not None:
             request.destination.CopyFrom(reception.destination)
         server.images_in_flight += count
-        call = server.stub.Encode(request, timeout=self.timeout_s)
+        call: EncodeCall | None = None
         progress = _Progress()
         try:
-            encoded = await self._receive(call, server.address, reception, progress)
-        except grpc.aio.AioRpcError as exc:
+            async with asyncio.timeout(self.timeout_s):
+                call = await server.session.call(request)
+                encoded = await self._receive(call, server.address, reception, progress)
+        except CallFailed as exc:
             reception.release()
-            restarted = exc.code() in (
+            restarted = exc.code in (
                 grpc.StatusCode.UNAVAILABLE,  # it is gone, or on its way back
                 grpc.StatusCode.FAILED_PRECONDITION,  # it came back and forgot our connection
             )
             if restarted and not progress.started:
                 server.connection = None  # connect afresh before the next request
                 raise _RetryableError() from None
-            raise _from_rpc_error(exc, server.address) from None
+            raise _from_call_error(exc, server.address) from None
+        except TimeoutError:
+            reception.release()
+            raise DvdError(
+                f"vision server {server.address} did not finish within {self.timeout_s:.0f} s",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
         except ValueError as exc:  # the transport refused what the server sent
             reception.release()
             raise DvdError(f"vision server {server.address} sent bad features: {exc}") from None
@@ -144,13 +157,14 @@ class VisionPool:
             raise
         finally:
             server.images_in_flight -= count
-            call.cancel()  # no-op when finished; stops the encode when we were cancelled
+            if call is not None:
+                call.cancel()  # no-op when finished; stops the encode when we gave up
         encoded.release = reception.release
         return encoded
 
     async def _receive(
         self,
-        call: grpc.aio.UnaryStreamCall,
+        call: EncodeCall,
         address: str,
         reception: Reception,
         progress: _Progress,
@@ -194,6 +208,7 @@ class VisionPool:
 
     async def close(self) -> None:
         for server in self.servers:
+            await server.session.close()
             await server.channel.close()
         self.receiver.close()
 
@@ -206,10 +221,9 @@ class _RetryableError(Exception):
     """The server could not be reached before it sent anything."""
 
 
-def _from_rpc_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
-    code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"vision server {address} went away: {exc.details()}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInput(exc.details() or "invalid image")
-    return DvdError(f"vision server {address}: {exc.details()}", code=code)
+def _from_call_error(exc: CallFailed, address: str) -> Exception:
+    if exc.code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"vision server {address} went away: {exc.details}")
+    if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(exc.details or "invalid image")
+    return DvdError(f"vision server {address}: {exc.details}", code=exc.code)

@@ -22,6 +22,17 @@ class VisionMetrics:
         self.in_flight = Gauge(
             "dvd_vision_requests_in_flight", "Encode requests in progress", registry=r
         )
+        self.sessions = Gauge(
+            "dvd_vision_sessions",
+            "EncodeSession streams open (one per language server)",
+            registry=r,
+        )
+        self.session_batch = Histogram(
+            "dvd_vision_session_batch_responses",
+            "Responses packed into one EncodeSession message",
+            buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64),
+            registry=r,
+        )
         self.stage = Histogram(
             "dvd_vision_stage_seconds",
             "Per-request time in each stage",

@@ -51,7 +51,9 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
         await batcher.stop()
         service.close()
 
-    await serve_until_signal(server, "vision server", config.address, grace_s, on_stop)
+    await serve_until_signal(
+        server, "vision server", config.address, grace_s, on_stop, on_draining=service.drain
+    )
 
 
 def run(config: VisionServerConfig) -> int:

@@ -1,11 +1,11 @@
-"""The VisionService gRPC servicer: Encode, Info, Health."""
+"""The VisionService gRPC servicer: Encode (alone or on a session), Info, Health."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -17,13 +17,14 @@ from dvd.errors import DvdError, InvalidInput, Unavailable
 from dvd.features import torch_dtype
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender, StaleConnection
-from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from dvd.v1 import common_pb2, vision_pb2
 from dvd.vir_mode import VirMode
 from vision_server.batcher import Cancellation, EncodedTiles, TileBatcher, TileRun
 from vision_server.config import VisionServerConfig
 from vision_server.encoder import TilingLimits, VisionEncoder
 from vision_server.encoder_cache import CachedImage, EncoderCache, image_key
 from vision_server.metrics import VisionMetrics
+from vision_server.session import EncodeServicer, Sessions
 from vision_server.tile_features import TileFeatures, fixed_compression, select_rows
 from vision_server.tiling import ImageLayout, TiledImage
 
@@ -50,7 +51,7 @@ class EncodeProgress:
     held: dict[int, list[EncodedTiles]] = field(default_factory=dict)
 
 
-class VisionService(vision_pb2_grpc.VisionServiceServicer):
+class VisionService(EncodeServicer):
     def __init__(
         self,
         config: VisionServerConfig,
@@ -73,6 +74,7 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             vir_mode.parse(config.vir_mode) if config.vir_mode != "auto" else encoder.default_mode()
         )
         encoder.check_mode(self.default_mode)
+        self.sessions = Sessions(self.run_call, metrics.sessions, metrics.session_batch)
         self.ready = True
 
     def close(self) -> None:
@@ -128,9 +130,15 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         self.encoder.check_mode(mode)
         return mode
 
-    async def Encode(
-        self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
+    async def drain(self) -> None:
+        """Shutdown has begun: calls in flight finish, new ones go elsewhere."""
+        self.ready = False
+        await self.sessions.drain()
+
+    async def run_call(
+        self, request: vision_pb2.EncodeRequest
+    ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
+        """One Encode call, whether on its own RPC or on a session; DvdError when it fails."""
         progress = EncodeProgress(started_ns=time.monotonic_ns())
         cancellation = Cancellation()
         emission: Emission | None = None
@@ -144,8 +152,8 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         except DvdError as exc:
             status = exc.code.name.lower()
             log.info("encode %s rejected: %s", request.request_id, exc.message)
-            await context.abort(exc.code, exc.message)
-        except asyncio.CancelledError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             log.info("encode %s cancelled by the caller", request.request_id)
             raise

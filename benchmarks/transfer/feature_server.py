@@ -3,14 +3,15 @@
 Benchmarks only. The EncodeRequest's single image carries, instead of image bytes, the
 ASCII text "<tiles>x<hidden>" naming the features to send; the rows are random bf16 made
 once per shape. Everything after that (the transport's Emission, chunking, gRPC) is the
-code the vision server runs.
+code the vision server runs, and the calls arrive as the language server sends them: on an
+EncodeSession, or on Encode RPCs for the grpc transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 import torch
@@ -19,14 +20,16 @@ from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.grpc_server import bind, new_server
 from dvd.transport import DESTINATION_KINDS, FeatureSender, parse_names, sender_class
 from dvd.v1 import vision_pb2, vision_pb2_grpc
+from vision_server.session import EncodeServicer, Sessions
 
 ROWS_PER_TILE = 256
 
 
-class FeatureServer(vision_pb2_grpc.VisionServiceServicer):
+class FeatureServer(EncodeServicer):
     def __init__(self, senders: dict[str, FeatureSender]) -> None:
         self.senders = senders
         self._features: dict[tuple[int, int], torch.Tensor] = {}
+        self.sessions = Sessions(self.run_call)
 
     def _rows(self, tiles: int, hidden: int) -> torch.Tensor:
         key = (tiles, hidden)
@@ -37,9 +40,9 @@ class FeatureServer(vision_pb2_grpc.VisionServiceServicer):
             self._features[key] = rows.to(torch.bfloat16)
         return self._features[key]
 
-    async def Encode(
-        self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
+    async def run_call(
+        self, request: vision_pb2.EncodeRequest
+    ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
         tiles, hidden = (int(x) for x in request.images[0].data.decode().split("x"))
         rows = self._rows(tiles, hidden)
         kind = request.destination.WhichOneof("kind")
