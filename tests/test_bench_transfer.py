@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.transfer.ceilings import memcpy_gib_per_s, socket_gib_per_s
+from benchmarks.transfer.ceilings import memcpy_gib_per_s, open_ceiling, socket_gib_per_s
 from benchmarks.transfer.measure import feature_server, measure_transport
-from benchmarks.transfer.report import Row, table, to_json, write_json
+from benchmarks.transfer.report import CEILING_OF, row, table, to_json, write_json
 from benchmarks.transfer.shapes import Shape, all_shapes
 
 
@@ -22,36 +24,52 @@ def test_quick_shapes_cover_the_issue_s_sizes() -> None:
 @pytest.mark.integration
 def test_every_transport_moves_features_between_processes_and_reports(tmp_path: Path) -> None:
     shapes = [Shape(64, 1), Shape(64, 4)]
-    with feature_server(["grpc", "shm", "tcp"]) as address:
-        measured = {
-            name: measure_transport(address, name, shapes, repeats=1)
-            for name in ("grpc", "shm", "tcp")
-        }
     rows = []
-    for name, times in measured.items():
-        assert times.control_s > 0
-        for shape, seconds in times.best_s.items():
-            assert seconds > 0
-            rate = shape.bytes / seconds / 2**30
-            rows.append(
-                Row(
-                    name,
-                    shape.hidden,
-                    shape.tiles,
-                    shape.bytes,
-                    rate,
-                    1.0,
-                    rate,
-                    times.control_s * 1e3,
-                    rate,
-                    rate,
-                )
-            )
+    with feature_server(["grpc", "shm", "tcp"]) as address:
+        for name in ("grpc", "shm", "tcp"):
+            ceiling = open_ceiling(CEILING_OF[name], max(s.bytes for s in shapes))
+            try:
+                times = measure_transport(address, name, shapes, repeats=1, ceiling=ceiling)
+            finally:
+                ceiling.close()
+            assert times.control_s > 0
+            assert all(times.best_s[s] > 0 and times.ceiling_s[s] > 0 for s in shapes)
+            rows += [row(name, shape, times) for shape in shapes]
     ceilings = {"memcpy": memcpy_gib_per_s(2**20, 3), "socket": socket_gib_per_s(2**20, 2)}
     assert all(value > 0 for value in ceilings.values())
     write_json(tmp_path / "report.json", to_json(ceilings, rows, []))
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["ceilings"]) == {"memcpy", "socket"}
     keys = {"transport", "hidden", "tiles", "bytes", "gib_per_s", "ceiling", "ratio"}
-    assert all(keys <= set(row) for row in report["results"]) and len(report["results"]) == 6
+    assert all(keys <= set(r) for r in report["results"]) and len(report["results"]) == 6
+    for result in report["results"]:
+        assert result["ratio"] == pytest.approx(result["gib_per_s"] / result["ceiling"])
     assert "shm" in table(ceilings, rows)
+
+
+def test_the_cli_prints_a_table_and_writes_the_json(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dvd",
+            "bench",
+            "transfer",
+            "--transports",
+            "shm",
+            "--repeats",
+            "1",
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ceilings: memcpy" in done.stdout
+    report = json.loads(out.read_text())
+    assert {r["tiles"] for r in report["results"]} == {1, 4, 13}
+    assert report["ceilings"]["socket"] > 0  # measured on its own: no tcp transport ran

@@ -134,12 +134,18 @@ def measure(
     device: str, transports: list[str], shapes: list[Shape], repeats: int
 ) -> list[dict[str, Any]]:
     """One row per (transport, shape): best GiB/s from device memory to usable features."""
+    from benchmarks.transfer.ceilings import open_ceiling
     from benchmarks.transfer.measure import measure_transport
+    from benchmarks.transfer.report import CEILING_OF
 
     rows = []
     with device_feature_server(transports, device) as address:
         for name in transports:
-            times = measure_transport(address, name, shapes, repeats)
+            ceiling = open_ceiling(CEILING_OF[name], max(shape.bytes for shape in shapes))
+            try:
+                times = measure_transport(address, name, shapes, repeats, ceiling)
+            finally:
+                ceiling.close()
             for shape, seconds in times.best_s.items():
                 rows.append(
                     {
@@ -150,6 +156,8 @@ def measure(
                         "gib_per_s": shape.bytes / seconds / 2**30,
                         "ms": seconds * 1000.0,
                         "call_ms": times.control_s * 1000.0,
+                        # memcpy or socket between host processes, alternating with it
+                        "host_ceiling_gib_per_s": shape.bytes / times.ceiling_s[shape] / 2**30,
                     }
                 )
     return rows

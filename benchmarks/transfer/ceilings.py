@@ -1,5 +1,8 @@
 """The ceilings each transport is compared with, measured in the same run.
 
+`dvd bench transfer` alternates ceiling rounds with the transport's rounds, shape by shape,
+so that a noisy machine slows both alike instead of flattering or damning one of them.
+
 memcpy: copying the same bytes between two preallocated tensors in one process (what shm
 cannot beat). socket: the same bytes over a loopback TCP connection between two processes,
 received with recv_into a preallocated buffer (what any TCP transport cannot beat).
@@ -16,6 +19,8 @@ import torch
 
 _HEADER = struct.Struct("<Q")
 WARMUP = 2  # untimed rounds first: page faults and TCP slow start are not bandwidth
+MIN_REPEATS = 30
+"""Ceilings are cheap to measure and a low one flatters every ratio: never fewer rounds."""
 
 
 COLD_BYTES = 512 * 2**20
@@ -24,42 +29,53 @@ many bytes of buffers, well past the last-level cache, so the ceiling is memory 
 and not a cache-resident copy of the same few MiB."""
 
 
-def memcpy_gib_per_s(nbytes: int, repeats: int) -> float:
-    pairs = max(2, min(64, COLD_BYTES // (2 * nbytes)))
-    buffers = [
-        (
-            torch.randint(0, 255, (nbytes,), dtype=torch.uint8),
-            torch.empty(nbytes, dtype=torch.uint8),
-        )
-        for _ in range(pairs)
-    ]
-    for source, target in buffers:  # touch every page once: faults are not bandwidth
-        target.copy_(source)
-    # One thread, like the single writer of a transfer; intra-op threads would also just
-    # wait on each other on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        best = float("inf")
-        for i in range(max(repeats, 20)):
-            source, target = buffers[i % pairs]
-            started = time.perf_counter()
+class MemcpyCeiling:
+    """One timed copy at a time (see `once`), so rounds can alternate with a transport's."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._pairs = max(2, min(64, COLD_BYTES // (2 * max_bytes)))
+        self._buffers = [
+            (
+                torch.randint(0, 255, (max_bytes,), dtype=torch.uint8),
+                torch.empty(max_bytes, dtype=torch.uint8),
+            )
+            for _ in range(self._pairs)
+        ]
+        for source, target in self._buffers:  # touch every page once: faults are not bandwidth
             target.copy_(source)
-            best = min(best, time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
-    return nbytes / best / 2**30
+        self._turn = 0
+
+    def once(self, nbytes: int) -> float:
+        """Seconds to copy nbytes between two buffers the cache has not seen lately."""
+        source, target = self._buffers[self._turn % self._pairs]
+        self._turn += 1
+        # One thread, like the single writer of a transfer; intra-op threads would also
+        # just wait on each other on a busy machine.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            started = time.perf_counter()
+            target[:nbytes].copy_(source[:nbytes])
+            return time.perf_counter() - started
+        finally:
+            torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        self._buffers.clear()
 
 
-def _sink(port_out: mp.connection.Connection, repeats: int, nbytes: int) -> None:
-    """The receiving process: recv_into one preallocated buffer, ack each message."""
+def _sink(port_out: mp.connection.Connection, max_bytes: int) -> None:
+    """The receiving process: recv_into one preallocated buffer, ack each message; a
+    zero-length message ends it."""
     listener = socket.create_server(("127.0.0.1", 0))
     port_out.send(listener.getsockname()[1])
     connection, _ = listener.accept()
-    buffer = memoryview(bytearray(nbytes))
-    for _ in range(repeats):
+    buffer = memoryview(bytearray(max_bytes))
+    while True:
         header = connection.recv(_HEADER.size, socket.MSG_WAITALL)
         (length,) = _HEADER.unpack(header)
+        if length == 0:
+            break
         received = 0
         while received < length:
             received += connection.recv_into(buffer[received:length])
@@ -68,27 +84,64 @@ def _sink(port_out: mp.connection.Connection, repeats: int, nbytes: int) -> None
     listener.close()
 
 
-def socket_gib_per_s(nbytes: int, repeats: int) -> float:
-    context = mp.get_context("spawn")
-    parent, child = context.Pipe()
-    rounds = WARMUP + repeats
-    process = context.Process(target=_sink, args=(child, rounds, nbytes), daemon=True)
-    process.start()
+class SocketCeiling:
+    """A loopback connection to a sink process, kept open; `once` times one message."""
+
+    def __init__(self, max_bytes: int) -> None:
+        context = mp.get_context("spawn")
+        parent, child = context.Pipe()
+        self._process = context.Process(target=_sink, args=(child, max_bytes), daemon=True)
+        self._process.start()
+        self._payload = memoryview(bytearray(max_bytes))
+        try:
+            if not parent.poll(60):
+                raise RuntimeError("the socket sink did not start")
+            self._connection = socket.create_connection(("127.0.0.1", parent.recv()))
+        except BaseException:
+            self._process.kill()
+            raise
+        self._connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(WARMUP):
+            self.once(max_bytes)
+
+    def once(self, nbytes: int) -> float:
+        """Seconds from sending nbytes to the receiver's ack that all of it landed."""
+        started = time.perf_counter()
+        self._connection.sendall(_HEADER.pack(nbytes))
+        self._connection.sendall(self._payload[:nbytes])
+        self._connection.recv(1)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        try:
+            self._connection.sendall(_HEADER.pack(0))
+            self._connection.close()
+        finally:
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.kill()
+
+
+Ceiling = MemcpyCeiling | SocketCeiling
+
+
+def open_ceiling(kind: str, max_bytes: int) -> Ceiling:
+    """ "memcpy" or "socket"."""
+    return MemcpyCeiling(max_bytes) if kind == "memcpy" else SocketCeiling(max_bytes)
+
+
+def _best_gib_per_s(kind: str, nbytes: int, repeats: int) -> float:
+    ceiling = open_ceiling(kind, nbytes)
     try:
-        port = parent.recv()
-        payload = memoryview(bytearray(nbytes))
-        best = float("inf")
-        with socket.create_connection(("127.0.0.1", port)) as connection:
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for round_ in range(rounds):
-                started = time.perf_counter()
-                connection.sendall(_HEADER.pack(nbytes))
-                connection.sendall(payload)
-                connection.recv(1)
-                if round_ >= WARMUP:
-                    best = min(best, time.perf_counter() - started)
-        return nbytes / best / 2**30
+        best = min(ceiling.once(nbytes) for _ in range(max(repeats, MIN_REPEATS)))
     finally:
-        process.join(10)
-        if process.is_alive():
-            process.kill()
+        ceiling.close()
+    return nbytes / best / 2**30
+
+
+def memcpy_gib_per_s(nbytes: int, repeats: int) -> float:
+    return _best_gib_per_s("memcpy", nbytes, repeats)
+
+
+def socket_gib_per_s(nbytes: int, repeats: int) -> float:
+    return _best_gib_per_s("socket", nbytes, repeats)

@@ -2,7 +2,7 @@
 
 Benchmarks only. The EncodeRequest's single image carries, instead of image bytes, the
 ASCII text "<tiles>x<hidden>" naming the features to send; the rows are random bf16 made
-once per shape. Everything after that (the transport's Emission, chunking, gRPC) is the
+per shape. Everything after that (the transport's Emission, chunking, gRPC) is the
 code the vision server runs, and the calls arrive as the language server sends them: on an
 EncodeSession, or on Encode RPCs for the grpc transport.
 """
@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator
 import grpc
 import torch
 
+from benchmarks.transfer.ceilings import COLD_BYTES
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.grpc_server import bind, new_server
 from dvd.transport import DESTINATION_KINDS, FeatureSender, parse_names, sender_class
@@ -28,17 +29,22 @@ ROWS_PER_TILE = 256
 class FeatureServer(EncodeServicer):
     def __init__(self, senders: dict[str, FeatureSender]) -> None:
         self.senders = senders
-        self._features: dict[tuple[int, int], torch.Tensor] = {}
+        self._shape: tuple[int, int] | None = None
+        self._copies: list[torch.Tensor] = []
+        self._turn = 0
         self.sessions = Sessions(self.run_call)
 
     def _rows(self, tiles: int, hidden: int) -> torch.Tensor:
-        key = (tiles, hidden)
-        if key not in self._features:
+        """The features to send, a different copy each call, cycling through COLD_BYTES of
+        them: fresh features are not in the cache, and the memcpy ceiling's are not either."""
+        if self._shape != (tiles, hidden):  # one shape at a time: the last one's copies go
             rows = torch.randn(
                 tiles * ROWS_PER_TILE, hidden, generator=torch.Generator().manual_seed(0)
-            )
-            self._features[key] = rows.to(torch.bfloat16)
-        return self._features[key]
+            ).to(torch.bfloat16)
+            count = max(2, min(64, COLD_BYTES // rows.nbytes))
+            self._shape, self._copies = (tiles, hidden), [rows.clone() for _ in range(count)]
+        self._turn += 1
+        return self._copies[self._turn % len(self._copies)]
 
     async def run_call(
         self, request: vision_pb2.EncodeRequest

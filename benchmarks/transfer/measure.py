@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import torch
 
+from benchmarks.transfer.ceilings import MIN_REPEATS, Ceiling
 from benchmarks.transfer.feature_server import serve
 from benchmarks.transfer.shapes import Shape
 from dvd.encode_session import EncodeSession
@@ -91,35 +92,46 @@ top of moving the bytes."""
 class TransportTimes:
     control_s: float  # best time of a CONTROL_SHAPE transfer
     best_s: dict[Shape, float]  # best time per shape
+    ceiling_s: dict[Shape, float]  # best time of the ceiling's rounds, per shape
 
 
 async def transport_times(
-    address: str, name: str, shapes: list[Shape], repeats: int
+    address: str, name: str, shapes: list[Shape], repeats: int, ceiling: Ceiling
 ) -> TransportTimes:
-    """Best-of-`repeats` time of transport `name` for each shape, and its fixed cost."""
+    """Best-of-`repeats` time of transport `name` for each shape, its fixed cost, and the
+    best time of `ceiling` for the same bytes, its rounds alternating with the transport's
+    (at least MIN_REPEATS of them)."""
     receiver = make_receiver(name, arena_bytes=max(s.bytes for s in shapes) * 2)
+    ceiling_rounds = -(-MIN_REPEATS // repeats)  # per transport round
     try:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             stub = vision_pb2_grpc.VisionServiceStub(channel)
             connection = await receiver.attach(address, stub)
             session = EncodeSession(stub)
 
-            async def best(shape: Shape, rounds: int) -> float:
-                times = [
-                    await _transfer_once(session, receiver, connection, shape)
-                    for _ in range(rounds + 1)
-                ]
-                return min(times[1:])  # the first is a warm-up
+            async def transfer(shape: Shape) -> float:
+                return await _transfer_once(session, receiver, connection, shape)
 
             try:
-                control = await best(CONTROL_SHAPE, max(2 * repeats, 10))
-                times = {shape: await best(shape, repeats) for shape in shapes}
+                await transfer(CONTROL_SHAPE)  # warm-up
+                control = min([await transfer(CONTROL_SHAPE) for _ in range(max(repeats, 10))])
+                best: dict[Shape, float] = {}
+                ceiling_best: dict[Shape, float] = {}
+                for shape in shapes:
+                    await transfer(shape)  # warm-up
+                    times, ceiling_times = [], []
+                    for _ in range(repeats):
+                        ceiling_times += [ceiling.once(shape.bytes) for _ in range(ceiling_rounds)]
+                        times.append(await transfer(shape))
+                    best[shape], ceiling_best[shape] = min(times), min(ceiling_times)
             finally:
                 await session.close()
-            return TransportTimes(control, times)
+            return TransportTimes(control, best, ceiling_best)
     finally:
         receiver.close()
 
 
-def measure_transport(address: str, name: str, shapes: list[Shape], repeats: int) -> TransportTimes:
-    return asyncio.run(transport_times(address, name, shapes, repeats))
+def measure_transport(
+    address: str, name: str, shapes: list[Shape], repeats: int, ceiling: Ceiling
+) -> TransportTimes:
+    return asyncio.run(transport_times(address, name, shapes, repeats, ceiling))

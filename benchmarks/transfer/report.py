@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.transfer.measure import TransportTimes
+from benchmarks.transfer.shapes import Shape
+
 CEILING_OF = {"shm": "memcpy", "grpc": "socket", "tcp": "socket", "rdma": "socket"}
 """Which ceiling each transport is held against (rdma: no line rate is known here)."""
 
@@ -23,8 +26,30 @@ class Row:
     ceiling: float
     ratio: float
     control_ms: float  # the fixed cost of one Encode call with this transport
-    data_gib_per_s: float  # bytes over (time - control): the data plane alone
-    data_ratio: float
+    # Bytes over (time - control): the data plane alone; None where the fixed cost is
+    # most of the time and the difference would be noise.
+    data_gib_per_s: float | None
+    data_ratio: float | None
+
+
+def row(transport: str, shape: Shape, times: TransportTimes) -> Row:
+    seconds = times.best_s[shape]
+    rate = shape.bytes / seconds / 2**30
+    ceiling = shape.bytes / times.ceiling_s[shape] / 2**30
+    data_s = seconds - times.control_s
+    data = shape.bytes / data_s / 2**30 if data_s > seconds / 4 else None
+    return Row(
+        transport,
+        shape.hidden,
+        shape.tiles,
+        shape.bytes,
+        rate,
+        ceiling,
+        rate / ceiling,
+        times.control_s * 1e3,
+        data,
+        None if data is None else data / ceiling,
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -59,6 +84,10 @@ def table(ceilings: dict[str, float], rows: list[Row]) -> str:
         lines.append(
             f"{r.transport:<10}{r.hidden:>7}{r.tiles:>6}{r.bytes / 2**20:>9.1f}"
             f"{r.gib_per_s:>9.2f}{r.ceiling:>9.2f}{r.ratio:>7.2f}"
-            f"{r.control_ms:>9.2f}{r.data_gib_per_s:>12.2f}{r.data_ratio:>7.2f}"
+            f"{r.control_ms:>9.2f}{_number(r.data_gib_per_s, 12)}{_number(r.data_ratio, 7)}"
         )
     return "\n".join(lines)
+
+
+def _number(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.2f}"
