@@ -29,19 +29,21 @@ def test_every_transport_moves_features_between_processes_and_reports(tmp_path: 
         for name in ("grpc", "shm", "tcp"):
             ceiling = open_ceiling(CEILING_OF[name], max(s.bytes for s in shapes))
             try:
-                times = measure_transport(address, name, shapes, repeats=1, ceiling=ceiling)
+                for in_flight in (1, 3):  # three at once share one session / connection
+                    times = measure_transport(address, name, shapes, 1, ceiling, in_flight)
+                    assert times.control_s > 0
+                    assert all(times.best_s[s] > 0 and times.ceiling_s[s] > 0 for s in shapes)
+                    rows += [row(name, shape, times) for shape in shapes]
             finally:
                 ceiling.close()
-            assert times.control_s > 0
-            assert all(times.best_s[s] > 0 and times.ceiling_s[s] > 0 for s in shapes)
-            rows += [row(name, shape, times) for shape in shapes]
     ceilings = {"memcpy": memcpy_gib_per_s(2**20, 3), "socket": socket_gib_per_s(2**20, 2)}
     assert all(value > 0 for value in ceilings.values())
     write_json(tmp_path / "report.json", to_json(ceilings, rows, []))
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["ceilings"]) == {"memcpy", "socket"}
     keys = {"transport", "hidden", "tiles", "bytes", "gib_per_s", "ceiling", "ratio"}
-    assert all(keys <= set(r) for r in report["results"]) and len(report["results"]) == 6
+    assert all(keys <= set(r) for r in report["results"]) and len(report["results"]) == 12
+    assert all(r["data_gib_per_s"] is None for r in report["results"] if r["in_flight"] == 3)
     for result in report["results"]:
         assert result["ratio"] == pytest.approx(result["gib_per_s"] / result["ceiling"])
     assert "shm" in table(ceilings, rows)
@@ -60,6 +62,8 @@ def test_the_cli_prints_a_table_and_writes_the_json(tmp_path: Path) -> None:
             "shm",
             "--repeats",
             "1",
+            "--in-flight",
+            "1,2",
             "--quick",
             "--json",
             str(out),
@@ -72,4 +76,5 @@ def test_the_cli_prints_a_table_and_writes_the_json(tmp_path: Path) -> None:
     assert "ceilings: memcpy" in done.stdout
     report = json.loads(out.read_text())
     assert {r["tiles"] for r in report["results"]} == {1, 4, 13}
+    assert {r["in_flight"] for r in report["results"]} == {1, 2}
     assert report["ceilings"]["socket"] > 0  # measured on its own: no tcp transport ran

@@ -5,7 +5,8 @@ so that a noisy machine slows both alike instead of flattering or damning one of
 
 memcpy: copying the same bytes between two preallocated tensors in one process (what shm
 cannot beat). socket: the same bytes over a loopback TCP connection between two processes,
-received with recv_into a preallocated buffer (what any TCP transport cannot beat).
+received with recv_into(MSG_WAITALL) a preallocated buffer (what any TCP transport cannot
+beat).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def _sink(port_out: mp.connection.Connection, max_bytes: int) -> None:
         if length == 0:
             break
         received = 0
-        while received < length:
-            received += connection.recv_into(buffer[received:length])
+        while received < length:  # MSG_WAITALL: the kernel fills it in one call, as tcp does
+            received += connection.recv_into(buffer[received:length], 0, socket.MSG_WAITALL)
         connection.sendall(b"k")
     connection.close()
     listener.close()
@@ -92,7 +93,11 @@ class SocketCeiling:
         parent, child = context.Pipe()
         self._process = context.Process(target=_sink, args=(child, max_bytes), daemon=True)
         self._process.start()
-        self._payload = memoryview(bytearray(max_bytes))
+        # Payloads rotate through COLD_BYTES like the memcpy ceiling's buffers and the
+        # feature server's features: the sender reads memory the cache has not seen lately.
+        copies = max(2, min(64, COLD_BYTES // max_bytes))
+        self._payloads = [memoryview(bytearray(b"\x5a" * max_bytes)) for _ in range(copies)]
+        self._turn = 0
         try:
             if not parent.poll(60):
                 raise RuntimeError("the socket sink did not start")
@@ -106,9 +111,11 @@ class SocketCeiling:
 
     def once(self, nbytes: int) -> float:
         """Seconds from sending nbytes to the receiver's ack that all of it landed."""
+        payload = self._payloads[self._turn % len(self._payloads)]
+        self._turn += 1
         started = time.perf_counter()
         self._connection.sendall(_HEADER.pack(nbytes))
-        self._connection.sendall(self._payload[:nbytes])
+        self._connection.sendall(payload[:nbytes])
         self._connection.recv(1)
         return time.perf_counter() - started
 

@@ -39,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         20,
         f"timed transfers per shape (the best is reported; --quick: at most {QUICK_REPEATS})",
     )
+    add_flag(
+        parser,
+        COMMAND,
+        "--in-flight",
+        "1,4",
+        "comma-separated transfers kept in flight at once: 1 measures one request's latency, "
+        "more the steady stream of a busy language server (fixed costs overlap the bytes)",
+    )
     add_flag(parser, COMMAND, "--quick", False, "fewer shapes and repeats: under two minutes")
     add_flag(parser, COMMAND, "--json", None, "write the report to this file")
     parser.set_defaults(func=run)
@@ -74,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         transports, notes = available_transports()
     else:
         transports, notes = list(parse_names(args.transports)), []
+    in_flights = parse_in_flight(args.in_flight)
     largest = max(shape.bytes for shape in shapes)
     ceilings = {kind: open_ceiling(kind, largest) for kind in ("memcpy", "socket")}
     rows = []
@@ -81,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
         with feature_server(transports) as address:
             for name in transports:
                 ceiling = ceilings[CEILING_OF[name]]
-                times = measure_transport(address, name, shapes, repeats, ceiling)
-                rows += [row(name, shape, times) for shape in shapes]
+                for in_flight in in_flights:
+                    times = measure_transport(address, name, shapes, repeats, ceiling, in_flight)
+                    rows += [row(name, shape, times) for shape in shapes]
     finally:
         for ceiling in ceilings.values():
             ceiling.close()
@@ -105,3 +115,13 @@ def best_ceiling(kind: str, rows: list[Row], largest: int, repeats: int) -> floa
     if measured:
         return max(measured)
     return (memcpy_gib_per_s if kind == "memcpy" else socket_gib_per_s)(largest, repeats)
+
+
+def parse_in_flight(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"--in-flight takes comma-separated counts, not {text!r}") from None
+    if not values or any(v < 1 or v > 64 for v in values):
+        raise SystemExit(f"--in-flight counts must be 1-64, got {text!r}")
+    return values

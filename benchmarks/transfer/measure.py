@@ -90,18 +90,27 @@ top of moving the bytes."""
 
 @dataclass(frozen=True)
 class TransportTimes:
-    control_s: float  # best time of a CONTROL_SHAPE transfer
-    best_s: dict[Shape, float]  # best time per shape
+    in_flight: int  # transfers kept in flight at once
+    control_s: float  # best time of a lone CONTROL_SHAPE transfer
+    best_s: dict[Shape, float]  # best time per transfer, per shape (a round / in_flight)
     ceiling_s: dict[Shape, float]  # best time of the ceiling's rounds, per shape
 
 
 async def transport_times(
-    address: str, name: str, shapes: list[Shape], repeats: int, ceiling: Ceiling
+    address: str,
+    name: str,
+    shapes: list[Shape],
+    repeats: int,
+    ceiling: Ceiling,
+    in_flight: int = 1,
 ) -> TransportTimes:
-    """Best-of-`repeats` time of transport `name` for each shape, its fixed cost, and the
-    best time of `ceiling` for the same bytes, its rounds alternating with the transport's
-    (at least MIN_REPEATS of them)."""
-    receiver = make_receiver(name, arena_bytes=max(s.bytes for s in shapes) * 2)
+    """Best-of-`repeats` time of transport `name` per transfer of each shape, with
+    `in_flight` transfers at once (1: one request's latency; more: the steady stream of a
+    busy language server, where one call's fixed cost overlaps another's bytes); its fixed
+    cost; and the best time of `ceiling` for the same bytes, its rounds alternating with
+    the transport's (at least MIN_REPEATS of them)."""
+    largest = max(s.bytes for s in shapes)
+    receiver = make_receiver(name, arena_bytes=largest * (in_flight + 1))
     ceiling_rounds = -(-MIN_REPEATS // repeats)  # per transport round
     try:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
@@ -112,26 +121,31 @@ async def transport_times(
             async def transfer(shape: Shape) -> float:
                 return await _transfer_once(session, receiver, connection, shape)
 
+            async def round_(shape: Shape) -> float:
+                started = time.perf_counter()
+                await asyncio.gather(*(transfer(shape) for _ in range(in_flight)))
+                return (time.perf_counter() - started) / in_flight
+
             try:
                 await transfer(CONTROL_SHAPE)  # warm-up
                 control = min([await transfer(CONTROL_SHAPE) for _ in range(max(repeats, 10))])
                 best: dict[Shape, float] = {}
                 ceiling_best: dict[Shape, float] = {}
                 for shape in shapes:
-                    await transfer(shape)  # warm-up
+                    await round_(shape)  # warm-up
                     times, ceiling_times = [], []
                     for _ in range(repeats):
                         ceiling_times += [ceiling.once(shape.bytes) for _ in range(ceiling_rounds)]
-                        times.append(await transfer(shape))
+                        times.append(await round_(shape))
                     best[shape], ceiling_best[shape] = min(times), min(ceiling_times)
             finally:
                 await session.close()
-            return TransportTimes(control, best, ceiling_best)
+            return TransportTimes(in_flight, control, best, ceiling_best)
     finally:
         receiver.close()
 
 
 def measure_transport(
-    address: str, name: str, shapes: list[Shape], repeats: int, ceiling: Ceiling
+    address: str, name: str, shapes: list[Shape], repeats: int, ceiling: Ceiling, in_flight: int = 1
 ) -> TransportTimes:
-    return asyncio.run(transport_times(address, name, shapes, repeats, ceiling))
+    return asyncio.run(transport_times(address, name, shapes, repeats, ceiling, in_flight))
