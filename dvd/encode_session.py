@@ -39,6 +39,9 @@ class CallFailed(Exception):
         self.code = code
         self.details = details
 
+    def copy(self) -> CallFailed:
+        return CallFailed(self.code, self.details)
+
 
 _Item = vision_pb2.SessionResponse | CallFailed
 
@@ -56,14 +59,15 @@ class _Stream:
 
     async def send(self, request: vision_pb2.SessionRequest) -> None:
         if self.broken is not None:
-            raise self.broken
+            raise self.broken.copy()
         try:
             async with self._write_lock:
                 await self.rpc.write(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            self._break(CallFailed(grpc.StatusCode.UNAVAILABLE, f"session broke: {details}"))
-            raise self.broken from None  # type: ignore[misc]
+            failure = CallFailed(grpc.StatusCode.UNAVAILABLE, f"session broke: {details}")
+            self._break(failure)
+            raise failure from None
 
     def cancel_call(self, call_id: int) -> None:
         """Sends the cancel from a task of its own (see EncodeCall.cancel)."""
@@ -100,7 +104,7 @@ class _Stream:
             self.broken = failure
             log.info("encode session ended: %s (%d calls in flight)", failure, len(self.calls))
         for queue in self.calls.values():
-            queue.put_nowait(failure)
+            queue.put_nowait(failure.copy())  # one each: a raised exception keeps its traceback
         self.calls.clear()
 
     async def close(self) -> None:

@@ -851,6 +851,8 @@ DASHBOARD_METRICS = {
     "dvd_vision_requests_in_flight",
     "dvd_vision_stage_seconds",
     "dvd_vision_batch_tiles",
+    "dvd_vision_sessions",
+    "dvd_vision_session_batch_responses",
     "dvd_language_requests_total",
     "dvd_language_requests_in_flight",
     "dvd_language_prompt_tokens_total",

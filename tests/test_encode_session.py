@@ -19,7 +19,7 @@ import torch
 
 from dvd.encode_session import CallFailed, EncodeSession
 from dvd.errors import DvdError, InvalidInput
-from dvd.grpc_options import MAX_CHUNK_BYTES
+from dvd.grpc_options import CHANNEL_OPTIONS, MAX_CHUNK_BYTES, SERVER_OPTIONS
 from dvd.grpc_server import bind, new_server
 from dvd.transport import receiver_class, sender_class
 from dvd.v1 import vision_pb2, vision_pb2_grpc
@@ -356,3 +356,14 @@ def test_vision_pool_reports_a_bad_image_as_invalid_input(transport: str) -> Non
                 await pool.close()
 
     asyncio.run(main())
+
+
+def test_servers_accept_the_keepalive_pings_of_an_idle_session() -> None:
+    # An idle session's client pings every KEEPALIVE_TIME_MS with no data in between; a
+    # server that wants them rarer answers GOAWAY "too_many_pings" and breaks the session
+    # (seen with gRPC's default of 5 minutes). Waiting out real pings would take minutes.
+    server = dict(SERVER_OPTIONS)
+    client = dict(CHANNEL_OPTIONS)
+    assert (
+        server["grpc.http2.min_ping_interval_without_data_ms"] <= client["grpc.keepalive_time_ms"]
+    )

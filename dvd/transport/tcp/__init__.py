@@ -27,19 +27,15 @@ its request and closes the connection; a frame with an unknown token closes the
 connection; a frame for a recently released token is read and dropped (late bytes). The
 token is a capability, not encryption: run the data port on a trusted network.
 
-Where the sender writes. `Emission.chunks()` is a plain generator that the vision server
-iterates inside its grpc.aio event loop, so it cannot await a sending thread: handing the
-frame to a thread and waiting blocks the loop just the same, and yielding before the send
-completes would announce bytes that may never arrive (a failed send would then surface
-only as the receiver's settle timeout, since `done` follows the last chunk). So
-`chunks()` sends with blocking `sendmsg` calls (the GIL is released meanwhile) and yields
-once the frame is out. That blocks the loop for the frame's bytes: with 13 tiles per call,
-a 0.5 ms asyncio ticker beside the sender saw gaps of 10-33 ms (1 ms median, 3 ms max
-idle); throughput is unaffected. `achunks()` is the same as an async generator that sends
-on a worker thread (gaps 1-3 ms median, 4-11 ms max, same throughput); the vision server
-should use it once `Emission` has an async variant. Until then, Sender(max_frame_bytes=)
-bounds each stall at the cost of more frames. A receiver that stops reading is bounded by
-the send timeout (SO_SNDTIMEO, 10 s).
+Where the sender writes. The vision server iterates `Emission.achunks()`, which hands each
+frame to a worker thread (blocking `sendmsg`, GIL released) and yields its chunks once the
+frame is out, so the event loop serves other requests meanwhile (a 0.5 ms asyncio ticker
+beside the sender saw gaps of 1-3 ms median, 4-11 ms max, against 10-33 ms when the loop
+itself sent 13 tiles). Chunks are never announced before their bytes are out: `done`
+follows the last chunk, so a failed send ends the call with an error rather than a settle
+timeout. The plain `chunks()` generator sends on the calling thread, for callers without
+an event loop. Sender(max_frame_bytes=) cuts large images into several frames. A receiver
+that stops reading is bounded by the send timeout (SO_SNDTIMEO, 10 s).
 
 Failures: a receiver that cannot be reached, or whose connection breaks twice in a row,
 makes `chunks()` raise ConnectionError; ValueError is kept for a bad destination or rows

@@ -37,9 +37,8 @@ class TcpEmission(Emission):
     async def achunks(
         self, image_index: int, first_row: int, rows: torch.Tensor, max_chunk_bytes: int
     ) -> AsyncIterator[vision_pb2.FeatureChunk]:
-        """chunks() for callers that can await: frames are sent on a worker thread, so the
-        event loop runs on while the kernel drains them. Not in the Emission interface
-        yet (see the package docstring)."""
+        """chunks() for the event loop: frames are sent on a worker thread, so the loop
+        runs on while the kernel drains them (see the package docstring)."""
         for header, payload, chunks in self._frames(image_index, first_row, rows, max_chunk_bytes):
             await asyncio.to_thread(self._pool.send, header, payload)
             for chunk in chunks:
