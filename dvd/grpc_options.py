@@ -35,4 +35,8 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # 5 minutes as abuse and answer GOAWAY "too_many_pings", which breaks the session and
     # any call starting on it: accept pings at the clients' interval.
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    # And servers ping too: a caller whose host vanished holds its session's calls (and
+    # their transport buffers) until the ping goes unanswered, not until TCP gives up.
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", 10_000),
 ]

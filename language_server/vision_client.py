@@ -131,7 +131,7 @@ class VisionPool:
         progress = _Progress()
         try:
             async with asyncio.timeout(self.timeout_s):
-                call = await server.session.call(request)
+                call = await server.session.call(request, self.timeout_s)
                 encoded = await self._receive(call, server.address, reception, progress)
         except CallFailed as exc:
             reception.release()

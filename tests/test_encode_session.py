@@ -17,7 +17,13 @@ import grpc
 import pytest
 import torch
 
-from dvd.encode_session import CallFailed, EncodeSession
+from dvd.encode_session import (
+    SESSION_MAX_REQUEST_BYTES,
+    CallFailed,
+    EncodeSession,
+    RpcCall,
+    SessionCall,
+)
 from dvd.errors import DvdError, InvalidInput
 from dvd.grpc_options import CHANNEL_OPTIONS, MAX_CHUNK_BYTES, SERVER_OPTIONS
 from dvd.grpc_server import bind, new_server
@@ -367,3 +373,57 @@ def test_servers_accept_the_keepalive_pings_of_an_idle_session() -> None:
     assert (
         server["grpc.http2.min_ping_interval_without_data_ms"] <= client["grpc.keepalive_time_ms"]
     )
+
+
+def test_a_caller_cancelled_while_sending_leaves_the_session_to_the_others() -> None:
+    # grpc.aio cancels a whole stream when a task is cancelled inside its write: the
+    # session writes from a task of its own, and the abandoned call is cancelled after.
+    async def main() -> None:
+        async with connected() as (vision, channel):
+            session = EncodeSession(vision_pb2_grpc.VisionServiceStub(channel))
+            other = asyncio.create_task(_collect(session, _request("gate", "1")))
+            await _until(lambda: "1" in vision.started)
+            abandoned = asyncio.create_task(session.start(_request("hang", "7")))
+            await asyncio.sleep(0)  # it has queued its request and waits for the write
+            abandoned.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await abandoned
+            await _until(lambda: "7" in vision.cancelled)
+            vision.gate.set()
+            assert await other == ["plan", "chunk", "done"]
+            assert await _collect(session, _request("1")) == ["plan", "chunk", "done"]
+            await session.close()
+
+    asyncio.run(main())
+
+
+def test_a_call_s_timeout_stops_it_on_the_server() -> None:
+    async def main() -> None:
+        async with connected() as (vision, channel):
+            session = EncodeSession(vision_pb2_grpc.VisionServiceStub(channel))
+            call = await session.start(_request("hang", "4"), timeout_s=0.2)
+            with pytest.raises(CallFailed) as failed:
+                _ = [r async for r in call]
+            assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert vision.cancelled == ["4"]
+            await session.close()
+
+    asyncio.run(main())
+
+
+def test_requests_with_large_images_get_an_encode_call_of_their_own() -> None:
+    async def main() -> None:
+        async with connected() as (_, channel):
+            session = EncodeSession(vision_pb2_grpc.VisionServiceStub(channel))
+            small = _request("1")
+            small.destination.shm.arena = "dvd-arena-1-0"
+            large = vision_pb2.EncodeRequest()
+            large.CopyFrom(small)
+            large.images[0].data = b"1" * (SESSION_MAX_REQUEST_BYTES + 1)
+            for request, kind in ((small, SessionCall), (large, RpcCall), (_request("1"), RpcCall)):
+                call = await session.call(request)
+                assert isinstance(call, kind)
+                call.cancel()
+            await session.close()
+
+    asyncio.run(main())

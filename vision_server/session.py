@@ -98,7 +98,7 @@ class Session:
 
     async def serve(
         self, requests: AsyncIterator[vision_pb2.SessionRequest]
-    ) -> AsyncIterator[vision_pb2.SessionResponses]:
+    ) -> AsyncGenerator[vision_pb2.SessionResponses, None]:
         reader = asyncio.create_task(self._read(requests))
         try:
             while batch := await self.outbox.take():
@@ -120,17 +120,21 @@ class Session:
             async for request in requests:
                 kind = request.WhichOneof("kind")
                 if kind == "encode":
-                    await self._start(request.call_id, request.encode)
+                    await self._start(request.call_id, request.encode, request.timeout_ms)
                 elif kind == "cancel":
                     task = self.calls.get(request.call_id)
                     if task is not None:
                         task.cancel()
         except grpc.aio.AioRpcError as exc:  # the caller went away mid-stream
             log.info("session with %s broke: %s", self.peer, exc.code().name)
+        except Exception:  # e.g. a message that would not parse: end cleanly, not unseen
+            log.exception("session with %s: unreadable request; ending the session", self.peer)
         self.reading = False
         await self._end_if_idle()
 
-    async def _start(self, call_id: int, request: vision_pb2.EncodeRequest) -> None:
+    async def _start(
+        self, call_id: int, request: vision_pb2.EncodeRequest, timeout_ms: int
+    ) -> None:
         refusal: DvdError | None = None
         if self.draining:
             refusal = Unavailable("the vision server is shutting down")
@@ -143,15 +147,29 @@ class Session:
         if refusal is not None:
             await self.outbox.put(_error(call_id, refusal))
             return
-        self.calls[call_id] = asyncio.create_task(self._run(call_id, request))
+        timeout_s = timeout_ms / 1000 if timeout_ms else None
+        self.calls[call_id] = asyncio.create_task(self._run(call_id, request, timeout_s))
 
-    async def _run(self, call_id: int, request: vision_pb2.EncodeRequest) -> None:
+    async def _run(
+        self, call_id: int, request: vision_pb2.EncodeRequest, timeout_s: float | None
+    ) -> None:
+        deadline = asyncio.timeout(timeout_s)
         try:
-            async with aclosing(self.run_call(request)) as responses:
+            async with deadline, aclosing(self.run_call(request)) as responses:
                 async for response in responses:
                     await self.outbox.put(
                         vision_pb2.SessionResponse(call_id=call_id, response=response)
                     )
+        except TimeoutError as exc:
+            if deadline.expired():
+                log.info("encode %s ran out of its %.1f s", request.request_id, timeout_s or 0)
+                error = DvdError(
+                    "the call's timeout passed", code=grpc.StatusCode.DEADLINE_EXCEEDED
+                )
+            else:  # not ours: a bug, like any other exception below
+                log.exception("encode %s failed", request.request_id)
+                error = DvdError(f"internal error: {exc}")
+            await self.outbox.put(_error(call_id, error))
         except DvdError as exc:
             await self.outbox.put(_error(call_id, exc))
         except asyncio.CancelledError:
@@ -200,8 +218,9 @@ class Sessions:
         self._count()
         log.info("session with %s opened", peer)
         try:
-            async for message in session.serve(requests):
-                yield message
+            async with aclosing(session.serve(requests)) as messages:
+                async for message in messages:
+                    yield message
         finally:
             self.active.discard(session)
             self._count()

@@ -30,39 +30,50 @@ many bytes of buffers, well past the last-level cache, so the ceiling is memory 
 and not a cache-resident copy of the same few MiB."""
 
 
+class _ColdWindows:
+    """Windows of COLD_BYTES (at least two windows' worth) taken in turn, so that each
+    round touches memory the cache has not seen lately, whatever its size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.size = max(COLD_BYTES, 2 * max_bytes)
+        self._next = 0
+
+    def take(self, nbytes: int) -> int:
+        """Offset of the next window of nbytes (page-aligned)."""
+        if self._next + nbytes > self.size:
+            self._next = 0
+        offset = self._next
+        self._next += (nbytes + 4095) // 4096 * 4096
+        return offset
+
+
 class MemcpyCeiling:
     """One timed copy at a time (see `once`), so rounds can alternate with a transport's."""
 
     def __init__(self, max_bytes: int) -> None:
-        self._pairs = max(2, min(64, COLD_BYTES // (2 * max_bytes)))
-        self._buffers = [
-            (
-                torch.randint(0, 255, (max_bytes,), dtype=torch.uint8),
-                torch.empty(max_bytes, dtype=torch.uint8),
-            )
-            for _ in range(self._pairs)
-        ]
-        for source, target in self._buffers:  # touch every page once: faults are not bandwidth
-            target.copy_(source)
-        self._turn = 0
+        self._windows = _ColdWindows(max_bytes)
+        self._source = torch.randint(0, 255, (self._windows.size,), dtype=torch.uint8)
+        self._target = torch.empty(self._windows.size, dtype=torch.uint8)
+        self._target.copy_(self._source)  # touch every page once: faults are not bandwidth
 
     def once(self, nbytes: int) -> float:
         """Seconds to copy nbytes between two buffers the cache has not seen lately."""
-        source, target = self._buffers[self._turn % self._pairs]
-        self._turn += 1
+        offset = self._windows.take(nbytes)
+        source = self._source[offset : offset + nbytes]
+        target = self._target[offset : offset + nbytes]
         # One thread, like the single writer of a transfer; intra-op threads would also
         # just wait on each other on a busy machine.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             started = time.perf_counter()
-            target[:nbytes].copy_(source[:nbytes])
+            target.copy_(source)
             return time.perf_counter() - started
         finally:
             torch.set_num_threads(threads)
 
     def close(self) -> None:
-        self._buffers.clear()
+        del self._source, self._target
 
 
 def _sink(port_out: mp.connection.Connection, max_bytes: int) -> None:
@@ -93,11 +104,10 @@ class SocketCeiling:
         parent, child = context.Pipe()
         self._process = context.Process(target=_sink, args=(child, max_bytes), daemon=True)
         self._process.start()
-        # Payloads rotate through COLD_BYTES like the memcpy ceiling's buffers and the
+        # Payloads move through COLD_BYTES like the memcpy ceiling's buffers and the
         # feature server's features: the sender reads memory the cache has not seen lately.
-        copies = max(2, min(64, COLD_BYTES // max_bytes))
-        self._payloads = [memoryview(bytearray(b"\x5a" * max_bytes)) for _ in range(copies)]
-        self._turn = 0
+        self._windows = _ColdWindows(max_bytes)
+        self._payload = memoryview(bytearray(b"\x5a" * self._windows.size))
         try:
             if not parent.poll(60):
                 raise RuntimeError("the socket sink did not start")
@@ -111,11 +121,10 @@ class SocketCeiling:
 
     def once(self, nbytes: int) -> float:
         """Seconds from sending nbytes to the receiver's ack that all of it landed."""
-        payload = self._payloads[self._turn % len(self._payloads)]
-        self._turn += 1
+        offset = self._windows.take(nbytes)
         started = time.perf_counter()
         self._connection.sendall(_HEADER.pack(nbytes))
-        self._connection.sendall(payload[:nbytes])
+        self._connection.sendall(self._payload[offset : offset + nbytes])
         self._connection.recv(1)
         return time.perf_counter() - started
 

@@ -30,21 +30,24 @@ class FeatureServer(EncodeServicer):
     def __init__(self, senders: dict[str, FeatureSender]) -> None:
         self.senders = senders
         self._shape: tuple[int, int] | None = None
-        self._copies: list[torch.Tensor] = []
+        self._cold = torch.empty(0)
         self._turn = 0
         self.sessions = Sessions(self.run_call)
 
     def _rows(self, tiles: int, hidden: int) -> torch.Tensor:
-        """The features to send, a different copy each call, cycling through COLD_BYTES of
-        them: fresh features are not in the cache, and the memcpy ceiling's are not either."""
+        """The features to send, taken in turn from COLD_BYTES of copies: fresh features
+        are not in the cache, and the ceilings' bytes are not either."""
+        rows = tiles * ROWS_PER_TILE
         if self._shape != (tiles, hidden):  # one shape at a time: the last one's copies go
-            rows = torch.randn(
-                tiles * ROWS_PER_TILE, hidden, generator=torch.Generator().manual_seed(0)
-            ).to(torch.bfloat16)
-            count = max(2, min(64, COLD_BYTES // rows.nbytes))
-            self._shape, self._copies = (tiles, hidden), [rows.clone() for _ in range(count)]
+            generator = torch.Generator().manual_seed(0)
+            pattern = torch.randn(rows, hidden, generator=generator).to(torch.bfloat16)
+            self._cold = torch.empty(0)  # free the last shape's copies first
+            self._cold = pattern.repeat(max(2, COLD_BYTES // pattern.nbytes), 1)
+            self._shape = (tiles, hidden)
+        copies = self._cold.shape[0] // rows
+        start = self._turn % copies * rows
         self._turn += 1
-        return self._copies[self._turn % len(self._copies)]
+        return self._cold[start : start + rows]
 
     async def run_call(
         self, request: vision_pb2.EncodeRequest
@@ -62,7 +65,8 @@ class FeatureServer(EncodeServicer):
                     hidden_size=hidden,
                 )
             )
-            for chunk in emission.chunks(0, 0, rows, request.max_chunk_bytes or MAX_CHUNK_BYTES):
+            max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
+            async for chunk in emission.achunks(0, 0, rows, max_chunk):  # as the vision server
                 yield vision_pb2.EncodeResponse(chunk=chunk)
             yield vision_pb2.EncodeResponse(
                 done=vision_pb2.EncodeDone(num_tiles=tiles, num_tokens=rows.shape[0])
