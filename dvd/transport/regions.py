@@ -2,7 +2,8 @@
 
 The receiver carves one region per image out of its buffer (an shm arena, an RDMA-registered
 buffer). `ImageRegions` checks every plan and chunk against those regions, counts the rows
-that arrived, and views the finished images as tensors in place.
+that arrived, and views the finished images as tensors in place. `planned_rows` and
+`sender_offset` are the checks every transport with receiver-owned memory makes (tcp too).
 """
 
 from __future__ import annotations
@@ -14,6 +15,33 @@ import torch
 from dvd.features import torch_dtype
 from dvd.transport.base import RequestShape
 from dvd.v1 import vision_pb2
+
+
+def planned_rows(plan: vision_pb2.ImagePlan, shape: RequestShape, holder: str) -> int:
+    """The rows a receiver's plan announces, checked against the request: a known image,
+    the request's hidden size, and no more rows than the image's `holder` (its region or
+    buffer) holds."""
+    index = plan.image_index
+    if not 0 <= index < len(shape.image_capacities):
+        raise ValueError(f"plan for unknown image {index}")
+    if plan.hidden_size != shape.hidden:
+        raise ValueError(f"plan hidden size {plan.hidden_size} != {shape.hidden}")
+    rows = sum(plan.tokens_per_tile)
+    if rows * shape.hidden * shape.dtype.itemsize > shape.image_capacities[index]:
+        raise ValueError(f"image {index} has {rows} rows, more than its {holder} holds")
+    return rows
+
+
+def sender_offset(
+    capacities: list[int], image_index: int, first_row: int, count: int, row_bytes: int, holder: str
+) -> int:
+    """A sender's check that rows [first_row, first_row + count) of an image fit the
+    `holder` (region or buffer) the receiver gave it; their byte offset within it."""
+    if not 0 <= image_index < len(capacities):
+        raise ValueError(f"no {holder} for image {image_index}")
+    if first_row < 0 or (first_row + count) * row_bytes > capacities[image_index]:
+        raise ValueError(f"image {image_index}'s features overflow their {holder}")
+    return first_row * row_bytes
 
 
 @dataclass(frozen=True)
@@ -46,15 +74,7 @@ class ImageRegions:
         )
 
     def on_plan(self, plan: vision_pb2.ImagePlan) -> None:
-        index = plan.image_index
-        if not 0 <= index < len(self.offsets):
-            raise ValueError(f"plan for unknown image {index}")
-        if plan.hidden_size != self.shape.hidden:
-            raise ValueError(f"plan hidden size {plan.hidden_size} != {self.shape.hidden}")
-        rows = sum(plan.tokens_per_tile)
-        if rows * self.row_bytes > self.shape.image_capacities[index]:
-            raise ValueError(f"image {index} has {rows} rows, more than its region holds")
-        self.rows[index] = rows
+        self.rows[plan.image_index] = planned_rows(plan, self.shape, "region")
 
     def place(self, chunk: vision_pb2.FeatureChunk) -> ChunkPlace:
         """Checks a chunk against its image's plan and region; where its rows go."""

@@ -21,7 +21,7 @@ import torch
 from dvd.features import FEATURES_NAME, wire_dtype
 from dvd.transport import grpc_stream
 from dvd.transport.base import Emission, FeatureReceiver, FeatureSender, Reception, RequestShape
-from dvd.transport.regions import ImageRegions
+from dvd.transport.regions import ImageRegions, sender_offset
 from dvd.transport.shm_arena import Arena, MappedArena
 from dvd.v1 import common_pb2, vision_pb2
 
@@ -101,14 +101,12 @@ class ShmEmission(Emission):
     def chunks(
         self, image_index: int, first_row: int, rows: torch.Tensor, max_chunk_bytes: int
     ) -> Iterator[vision_pb2.FeatureChunk]:
-        if not 0 <= image_index < len(self.offsets):
-            raise ValueError(f"no region for image {image_index}")
         rows = rows.contiguous()
         row_bytes = rows.shape[1] * rows.element_size()
-        start = first_row * row_bytes
         length = rows.shape[0] * row_bytes
-        if start + length > self.capacities[image_index]:
-            raise ValueError(f"image {image_index}'s features overflow their region")
+        start = sender_offset(
+            self.capacities, image_index, first_row, rows.shape[0], row_bytes, "region"
+        )
         offset = self.offsets[image_index] + start
         target = np.frombuffer(self.arena.buffer, dtype=np.uint8, count=length, offset=offset)
         target[:] = rows.reshape(-1).view(torch.uint8).numpy()

@@ -28,6 +28,7 @@ from dvd.transport.rdma.common import (
     endpoint_to_wire,
 )
 from dvd.transport.rdma.verbs import DeviceOpener, MemoryRegion, QueuePair, VerbsDevice, VerbsError
+from dvd.transport.regions import sender_offset
 from dvd.v1 import common_pb2, vision_pb2
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,12 @@ class RdmaEmission(Emission):
     def chunks(
         self, image_index: int, first_row: int, rows: torch.Tensor, max_chunk_bytes: int
     ) -> Iterator[vision_pb2.FeatureChunk]:
-        if not 0 <= image_index < len(self.offsets):
-            raise ValueError(f"no region for image {image_index}")
         rows = rows.detach().to("cpu").contiguous()
         count, hidden = rows.shape
         row_bytes = hidden * rows.element_size()
-        if first_row < 0 or (first_row + count) * row_bytes > self.capacities[image_index]:
-            raise ValueError(f"image {image_index}'s features overflow their region")
+        start = sender_offset(self.capacities, image_index, first_row, count, row_bytes, "region")
+        start += self.offsets[image_index]  # in the receive buffer
         per_chunk = max(1, max_chunk_bytes // row_bytes)
-        start = self.offsets[image_index] + first_row * row_bytes  # in the receive buffer
         pieces = [(first, min(per_chunk, count - first)) for first in range(0, count, per_chunk)]
         writes = [
             (first * row_bytes, n * row_bytes, start + first * row_bytes) for first, n in pieces

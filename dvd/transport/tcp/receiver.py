@@ -17,6 +17,7 @@ import torch
 
 from dvd.features import torch_dtype
 from dvd.transport.base import FeatureReceiver, Reception, RequestShape
+from dvd.transport.regions import planned_rows
 from dvd.transport.tcp.wire import (
     HEADER,
     TOKEN_BYTES,
@@ -86,13 +87,7 @@ class TcpReception(Reception):
 
     def on_plan(self, plan: vision_pb2.ImagePlan) -> None:
         index = plan.image_index
-        if not 0 <= index < len(self._buffers):
-            raise ValueError(f"plan for unknown image {index}")
-        if plan.hidden_size != self.shape.hidden:
-            raise ValueError(f"plan hidden size {plan.hidden_size} != {self.shape.hidden}")
-        rows = sum(plan.tokens_per_tile)
-        if rows * self.row_bytes > self.shape.image_capacities[index]:
-            raise ValueError(f"image {index} has {rows} rows, more than its buffer holds")
+        rows = planned_rows(plan, self.shape, "buffer")
         if self._rows[index] is not None:
             raise ValueError(f"image {index} was planned twice")
         self._rows[index] = rows

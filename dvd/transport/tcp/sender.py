@@ -12,6 +12,7 @@ import torch
 
 from dvd.features import FEATURES_NAME, wire_dtype
 from dvd.transport.base import Emission, FeatureSender
+from dvd.transport.regions import sender_offset
 from dvd.transport.tcp.wire import TOKEN_BYTES, ConnectionPool, FrameHeader, parse_address
 from dvd.v1 import common_pb2, vision_pb2
 
@@ -50,16 +51,12 @@ class TcpEmission(Emission):
         """The rows as frames (header, payload viewing the tensor's bytes), each with the
         chunks of whole rows, at most max_chunk_bytes (at least one row), that announce
         its parts in the stream. One frame unless max_frame_bytes cuts them."""
-        if not 0 <= image_index < len(self._capacities):
-            raise ValueError(f"no buffer for image {image_index}")
-        if rows.dim() != 2 or first_row < 0:
-            raise ValueError(f"rows must be [rows, hidden] from row >= 0, got {list(rows.shape)}")
+        if rows.dim() != 2:
+            raise ValueError(f"rows must be [rows, hidden], got {list(rows.shape)}")
         rows = rows.detach().cpu().contiguous()
         count, hidden = rows.shape
         row_bytes = hidden * rows.element_size()
-        start = first_row * row_bytes
-        if start + count * row_bytes > self._capacities[image_index]:
-            raise ValueError(f"image {image_index}'s features overflow its buffer")
+        start = sender_offset(self._capacities, image_index, first_row, count, row_bytes, "buffer")
         dtype = wire_dtype(rows.dtype)
         data = rows.reshape(-1).view(torch.uint8).numpy().data  # a view: no copy
         chunk_rows = max(1, max_chunk_bytes // row_bytes)
