@@ -135,14 +135,15 @@ def run_transfer(
         report["transfer"] = {"skipped": args.skip_transfer}
         report["problems"].append(f"transfer: skipped ({args.skip_transfer})")
         return
-    from benchmarks.gpu.transfer import ceilings, measure, transports_here
+    from benchmarks.gpu.transfer import ceilings, measure
+    from benchmarks.transfer.cli import available_transports
     from benchmarks.transfer.shapes import Shape
 
     if args.cpu_smoke:
         shapes = [Shape(64, 1), Shape(64, 2)]
     else:
         shapes = [Shape(h, t) for h in (4096, 5120) for t in (1, 4, 13)]
-    transports, notes = transports_here([t for t in args.transports.split(",") if t])
+    transports, notes = available_transports([t for t in args.transports.split(",") if t])
     sizes = sorted({s.bytes for s in shapes})
     section: dict[str, Any] = {"notes": notes, "transports": transports}
     report["transfer"] = section

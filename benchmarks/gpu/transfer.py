@@ -10,11 +10,7 @@ as the server does them, and pinned), memcpy, and a loopback socket.
 
 from __future__ import annotations
 
-import asyncio
-import multiprocessing as mp
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,44 +33,6 @@ class DeviceFeatureServer(FeatureServer):
         if key not in self._on_device:
             self._on_device[key] = super()._rows(tiles, hidden).to(self.device)
         return self._on_device[key].to("cpu")
-
-
-async def _serve(transports: str, device: str, ready: Any) -> None:
-    from dvd.grpc_server import bind, new_server
-    from dvd.transport import parse_names, sender_class
-    from dvd.v1 import vision_pb2_grpc
-
-    senders = {name: sender_class(name)() for name in parse_names(transports)}
-    server = new_server()
-    servicer = DeviceFeatureServer(senders, device)
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    port = bind(server, "127.0.0.1:0")
-    await server.start()
-    ready.send(port)
-    await server.wait_for_termination()
-
-
-def serve(transports: str, device: str, ready: Any) -> None:
-    """Entry point of the server process; sends its port through `ready`."""
-    asyncio.run(_serve(transports, device, ready))
-
-
-@contextmanager
-def device_feature_server(transports: list[str], device: str) -> Iterator[str]:
-    context = mp.get_context("spawn")
-    parent, child = context.Pipe()
-    process = context.Process(target=serve, args=(",".join(transports), device, child))
-    process.daemon = True
-    process.start()
-    try:
-        if not parent.poll(120):
-            raise RuntimeError(f"the feature server on {device} did not start within 120 s")
-        yield f"127.0.0.1:{parent.recv()}"
-    finally:
-        process.terminate()
-        process.join(10)
-        if process.is_alive():
-            process.kill()
 
 
 def device_to_host_gib_per_s(
@@ -116,30 +74,16 @@ def ceilings(device: torch.device, sizes: list[int], repeats: int) -> dict[str, 
     return out
 
 
-def transports_here(wanted: list[str]) -> tuple[list[str], list[str]]:
-    """The `wanted` transports that work here, and why the others do not."""
-    from dvd.transport import receiver_class
-
-    usable, notes = [], []
-    for name in wanted:
-        try:
-            receiver_class(name)
-            usable.append(name)
-        except Exception as exc:  # each backend says why it cannot run here
-            notes.append(f"{name}: not measured ({exc})")
-    return usable, notes
-
-
 def measure(
     device: str, transports: list[str], shapes: list[Shape], repeats: int
 ) -> list[dict[str, Any]]:
     """One row per (transport, shape): best GiB/s from device memory to usable features."""
     from benchmarks.transfer.ceilings import open_ceiling
-    from benchmarks.transfer.measure import measure_transport
+    from benchmarks.transfer.measure import feature_server, measure_transport
     from benchmarks.transfer.report import CEILING_OF
 
     rows = []
-    with device_feature_server(transports, device) as address:
+    with feature_server(transports, DeviceFeatureServer, (device,), 120) as address:
         for name in transports:
             ceiling = open_ceiling(CEILING_OF[name], max(shape.bytes for shape in shapes))
             try:

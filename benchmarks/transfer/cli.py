@@ -52,12 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def available_transports() -> tuple[list[str], list[str]]:
-    """Transports usable on this machine, and notes on those that are not."""
+def available_transports(wanted: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """The `wanted` transports (all of them by default) usable on this machine, and notes
+    on those that are not."""
     from dvd.transport import NAMES, receiver_class
 
     usable, notes = [], []
-    for name in NAMES:
+    for name in NAMES if wanted is None else wanted:
         try:
             if name == "rdma":
                 receiver_class(name)().close()  # needs a device: fails fast without one

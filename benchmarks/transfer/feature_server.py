@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import grpc
 import torch
@@ -80,16 +81,28 @@ class FeatureServer(EncodeServicer):
         return self.senders["rdma"].connect(request)
 
 
-async def _serve(transports: str, ready: mp.connection.Connection) -> None:
+async def _serve(
+    transports: str,
+    ready: mp.connection.Connection,
+    servicer_class: type[FeatureServer],
+    servicer_args: tuple[Any, ...],
+) -> None:
     senders = {name: sender_class(name)() for name in parse_names(transports)}
     server = new_server()
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(FeatureServer(senders), server)
+    servicer = servicer_class(senders, *servicer_args)
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
     port = bind(server, "127.0.0.1:0")
     await server.start()
     ready.send(port)
     await server.wait_for_termination()
 
 
-def serve(transports: str, ready: mp.connection.Connection) -> None:
-    """Entry point of the server process; sends its port through `ready`."""
-    asyncio.run(_serve(transports, ready))
+def serve(
+    transports: str,
+    ready: mp.connection.Connection,
+    servicer_class: type[FeatureServer] = FeatureServer,
+    servicer_args: tuple[Any, ...] = (),
+) -> None:
+    """Entry point of the server process: `servicer_class(senders, *servicer_args)` on a
+    free loopback port, sent through `ready`."""
+    asyncio.run(_serve(transports, ready, servicer_class, servicer_args))

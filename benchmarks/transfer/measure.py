@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from benchmarks.transfer.ceilings import MIN_REPEATS, Ceiling
-from benchmarks.transfer.feature_server import serve
+from benchmarks.transfer.feature_server import FeatureServer, serve
 from benchmarks.transfer.shapes import Shape
 from dvd.encode_session import EncodeSession
 from dvd.grpc_options import CHANNEL_OPTIONS
@@ -24,15 +24,22 @@ from dvd.v1 import vision_pb2, vision_pb2_grpc
 
 
 @contextmanager
-def feature_server(transports: list[str]) -> Iterator[str]:
-    """A feature server process accepting `transports`; yields its address."""
+def feature_server(
+    transports: list[str],
+    servicer_class: type[FeatureServer] = FeatureServer,
+    servicer_args: tuple[Any, ...] = (),
+    start_timeout_s: float = 60,
+) -> Iterator[str]:
+    """A feature server process accepting `transports` (a `servicer_class`, made with
+    `servicer_args` after its senders); yields its address."""
     context = mp.get_context("spawn")
     parent, child = context.Pipe()
-    process = context.Process(target=serve, args=(",".join(transports), child), daemon=True)
+    arguments = (",".join(transports), child, servicer_class, servicer_args)
+    process = context.Process(target=serve, args=arguments, daemon=True)
     process.start()
     try:
-        if not parent.poll(60):
-            raise RuntimeError("the feature server did not start")
+        if not parent.poll(start_timeout_s):
+            raise RuntimeError(f"the feature server did not start within {start_timeout_s:.0f} s")
         yield f"127.0.0.1:{parent.recv()}"
     finally:
         process.terminate()
