@@ -8,7 +8,8 @@ import logging
 from prometheus_client import start_http_server
 
 from dvd import vir_mode
-from dvd.checkpoint import InternVLConfig, load_config
+from dvd.checkpoint import CheckpointWeights, InternVLConfig, load_config
+from dvd.checkpoint.verify import verify_llm
 from dvd.env import cache_dir
 from dvd.features import parse_dtype
 from dvd.grpc_server import bind, new_server, serve_until_signal
@@ -37,6 +38,17 @@ def context_length(config: LanguageServerConfig, checkpoint: InternVLConfig) -> 
             f"max_position_embeddings {model_max}"
         )
     return config.max_model_len
+
+
+def verify_checkpoint(config: LanguageServerConfig, checkpoint: InternVLConfig) -> None:
+    """The tensors this process will load fit config.json: the LLM's, and in coupled mode
+    the vision model's too (CheckpointMismatch naming them if not)."""
+    weights = CheckpointWeights(checkpoint)
+    verify_llm(checkpoint, weights)
+    if config.mode == "coupled":
+        from vision_server.encoder import verify_vision
+
+        verify_vision(checkpoint, weights)
 
 
 def make_feature_source(config: LanguageServerConfig, checkpoint: InternVLConfig) -> FeatureSource:
@@ -89,6 +101,8 @@ def make_receiver(config: LanguageServerConfig) -> FeatureReceiver:
 async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
     checkpoint = load_config(config.model)
     max_model_len = context_length(config, checkpoint)
+    # Fail before vLLM starts, naming the tensors, rather than serve uninitialised weights.
+    verify_checkpoint(config, checkpoint)
     view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())
     engine = LlmEngine.start(
         EngineSettings(

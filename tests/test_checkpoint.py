@@ -18,6 +18,7 @@ from dvd.checkpoint import (
 )
 from dvd.checkpoint import cli as checkpoint_cli
 from dvd.checkpoint.config import HF_VISION_DEFAULTS
+from dvd.checkpoint.llm_tensors import resolve_text_config
 from dvd.checkpoint.names import is_hf_vision_name, is_original_vision_name, llm_weight_name
 from dvd.checkpoint.tokenizer import (
     HF_CHAT_TEMPLATE,
@@ -36,6 +37,22 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "original": make_checkpoint(root / "tiny-original", "tiny", "original", seed=3),
         "hf": make_checkpoint(root / "tiny-hf", "tiny", "hf", seed=3),
     }
+
+
+SETTINGS_THAT_MATTER = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_parameters",
+    "rms_norm_eps",
+    "bos_token_id",
+    "eos_token_id",
+)
 
 
 def _tokenizer(path: Path):  # type: ignore[no-untyped-def]
@@ -80,7 +97,12 @@ def test_load_config_agrees_across_layouts(checkpoints: dict[str, Path]) -> None
     assert (original.layout, hf.layout) == ("original", "hf")
     assert original.vision == hf.vision
     assert original.tokens_per_tile == hf.tokens_per_tile == 256
-    assert original.llm_config == hf.llm_config
+    # transformers writes the text config in its own spelling (rope_parameters, dtype at the
+    # top level); read through transformers' config class both say the same.
+    ours, theirs = resolve_text_config(original.llm_config), resolve_text_config(hf.llm_config)
+    for key in SETTINGS_THAT_MATTER:
+        assert getattr(ours, key) == getattr(theirs, key), key
+    assert original.tie_word_embeddings is hf.tie_word_embeddings is False
     assert original.llm_config["architectures"] == ["Qwen3ForCausalLM"]
     assert original.llm_config["torch_dtype"] == "bfloat16"
     assert original.llm_hidden_size == 64
@@ -178,7 +200,7 @@ def test_transformers_loads_hf_layout_strictly(checkpoints: dict[str, Path]) -> 
     state = model.state_dict()
     weights = CheckpointWeights(load_config(checkpoints["hf"]))
     for name in weights.names():
-        assert torch.equal(state[name], weights.get(name)), name
+        assert torch.equal(state[_module_name(name)], weights.get(name)), name
     # untied LLM: the converter's default tie_word_embeddings=True must not apply
     assert not torch.equal(model.lm_head.weight, model.model.language_model.embed_tokens.weight)
     vision = weights.vision_state_dict()
@@ -190,6 +212,20 @@ def test_transformers_loads_hf_layout_strictly(checkpoints: dict[str, Path]) -> 
     assert torch.equal(
         vision["mlp1.3.bias"], model.model.multi_modal_projector.linear_2.bias.detach()
     )
+
+
+def _module_name(stored: str) -> str:
+    """transformers 5 writes the pre-4.52 names (language_model.model.*, vision_tower.*) and
+    renames them to its modules' on load."""
+    for old, new in (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ):
+        if stored.startswith(old):
+            return new + stored[len(old) :]
+    return stored
 
 
 def test_hf_image_processor_tiles_like_internvl(checkpoints: dict[str, Path]) -> None:
@@ -218,7 +254,7 @@ def test_hf_defaults_are_transformers_defaults(
     raw = json.loads((folder / "config.json").read_text())
     for key in ("layer_norm_eps", "norm_type", "num_channels", "use_qk_norm", "hidden_act"):
         del raw["vision_config"][key]
-    del raw["text_config"]["architectures"]
+    assert "architectures" not in raw["text_config"]  # transformers writes none there
     (folder / "config.json").write_text(json.dumps(raw))
     diffed = load_config(folder)
     assert diffed.vision == load_config(checkpoints["hf"]).vision

@@ -54,6 +54,10 @@ class Reference:
         self.tokens_per_tile = self.model.config.image_seq_length
 
     def generate(self, text: str, images: list[bytes]) -> list[int]:
+        return self.generate_with_prompt_length(text, images)[0]
+
+    def generate_with_prompt_length(self, text: str, images: list[bytes]) -> tuple[list[int], int]:
+        """(greedy tokens, prompt tokens) the way transformers' own pipeline makes them."""
         import io
 
         from PIL import Image
@@ -78,7 +82,20 @@ class Reference:
             output = self.model.generate(
                 input_ids=input_ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, **kwargs
             )
-        return output[0, input_ids.shape[1] :].tolist()
+        return output[0, input_ids.shape[1] :].tolist(), int(input_ids.shape[1])
+
+    def tiles(self, image: bytes) -> int:
+        import io
+
+        from PIL import Image
+
+        pil = Image.open(io.BytesIO(image)).convert("RGB")
+        return int(self.processor([pil], crop_to_patches=True)["num_patches"][0])
+
+    def same_tokens(self, served: list[int], expected: list[int]) -> bool:
+        """transformers keeps the EOS token it stopped on; vLLM reports it as a token too."""
+        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        return served == expected or served == [t for t in expected if t != eos]
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +113,7 @@ def test_dvd_greedy_tokens_equal_transformers_reference(
         fp32_stack.language_port, [chat_message(text, images)], max_tokens=MAX_NEW_TOKENS
     )
     expected = reference.generate(text, images)
-    eos = {reference.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    # transformers keeps the EOS token it stopped on; vLLM reports it as a token too.
-    assert served == expected or served == [t for t in expected if t not in eos]
+    assert reference.same_tokens(served, expected), (served, expected)
     assert len(served) > 1
 
 
@@ -115,3 +130,50 @@ def test_the_hf_layout_serves_the_same_tokens_as_the_original(
             assert generate(hf_stack.language_port, messages, max_tokens=MAX_NEW_TOKENS) == original
     finally:
         hf_stack.stop()
+
+
+# --- checkpoints transformers wrote, served as they are ------------------------------------
+
+# image sizes (width, height) and InternVL's tiles for each: one tile, or a grid + thumbnail
+TILE_CASES = {
+    "1 tile": ([(448, 448)], [1]),
+    "3 tiles": ([(896, 448)], [3]),
+    "4 tiles": ([(448, 1344)], [4]),
+    "5 tiles": ([(896, 896)], [5]),
+    "1 + 3 tiles": ([(448, 448), (448, 896)], [1, 3]),
+}
+
+
+@pytest.fixture(scope="module", params=["tiny-tied", "tiny-qwen2"])
+def transformers_written(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, Reference]]:
+    """An -HF checkpoint saved by transformers (tied Qwen3 head, no lm_head tensor; or a
+    Qwen2 LLM), served in fp32 as it is, and transformers' fp32 model of the same folder."""
+    from dvd.checkpoint import make_checkpoint
+
+    preset = request.param
+    folder = make_checkpoint(tmp_path_factory.mktemp(preset) / preset, preset, "hf", seed=5)
+    stack = start_stack(folder, tmp_path_factory.mktemp(f"{preset}-stack"), "--dtype", "float32")
+    try:
+        yield stack, Reference(folder)
+    finally:
+        stack.stop()
+
+
+@pytest.mark.parametrize("case", list(TILE_CASES))
+def test_transformers_written_checkpoint_serves_transformers_tokens(
+    case: str, transformers_written: tuple[Stack, Reference]
+) -> None:
+    stack, reference = transformers_written
+    sizes, tiles = TILE_CASES[case]
+    images = [png_bytes(w, h, seed=i + 61) for i, (w, h) in enumerate(sizes)]
+    assert [reference.tiles(image) for image in images] == tiles
+    text = "What do you see?"
+    served, usage = generate(
+        stack.language_port, [chat_message(text, images)], max_tokens=MAX_NEW_TOKENS
+    )
+    expected, prompt_tokens = reference.generate_with_prompt_length(text, images)
+    assert reference.same_tokens(served, expected), (served, expected)
+    assert usage.prompt_tokens == prompt_tokens
+    assert len(served) > 1

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dvd.checkpoint import CheckpointWeights, InternVLConfig
+from dvd.checkpoint.verify import compare, stored_vision_tensors
 from dvd.errors import InvalidInput
 from dvd.vir_mode import VirMode
 from vision_server.model import InternVLVision
@@ -19,6 +20,15 @@ from vision_server.tile_features import TileFeatures
 from vision_server.tiling import TiledImage, decode_image, tile_image
 
 log = logging.getLogger(__name__)
+
+
+def verify_vision(config: InternVLConfig, weights: CheckpointWeights) -> None:
+    """The ViT, projector (and on -Flash, router) tensors are stored with config.json's
+    shapes, and nothing under their prefixes is left over; CheckpointMismatch if not."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in InternVLVision(config).state_dict().items()}
+    stored = stored_vision_tensors(weights)
+    compare(config.path, "vision", expected, stored, extra_is_error=True)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -45,14 +55,11 @@ class VisionEncoder:
         self.config = config
         self.device = pick_device(device)
         self.dtype = dtype
+        weights = CheckpointWeights(config)
+        verify_vision(config, weights)
         model = InternVLVision(config)
-        state = CheckpointWeights(config).vision_state_dict(dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{config.path}: vision weights do not fit the model "
-                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
+        # strict: verify_vision has matched every name and shape, so this cannot skip one
+        model.load_state_dict(weights.vision_state_dict(dtype=torch.float32), strict=True)
         self.model = model.to(device=self.device, dtype=dtype).eval()
         log.info(
             "vision model %s loaded on %s in %s (%d tokens per tile)",

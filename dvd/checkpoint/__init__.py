@@ -2,8 +2,33 @@
 small random-weight checkpoints with the real releases' layout.
 
 Modules: `config` (config.json -> InternVLConfig), `names` (weight names of both layouts),
-`weights` (lazy safetensors access), `presets` (sizes), `tokenizer`, `config_files`,
-`random_weights` and `make` (writing), `cli` (`dvd make-checkpoint`).
+`weights` (lazy safetensors access), `llm_tensors` and `verify` (the tensors config.json
+calls for, checked before serving), `presets` (sizes), `tokenizer`, `config_files`,
+`random_weights`, `hf_writer` and `make` (writing), `cli` (`dvd make-checkpoint`).
+
+LLM settings that can live at two levels of config.json, and which level wins (read in
+transformers 5.19's configuration_internvl.py / modeling_utils.py and in OpenGVLab's
+InternVLChatConfig, the original releases' remote code):
+- tie_word_embeddings. -HF: the top level. InternVLConfig has its own field (default true)
+  and the model ties its head by it; text_config's flag is not read, and transformers 5
+  writes both, so a model built from a Qwen3 config (text flag false) is tied and saved
+  with no lm_head tensor. An absent top-level key means true. Original: llm_config.
+  InternVLChatConfig sets `self.tie_word_embeddings = self.llm_config.tie_word_embeddings`,
+  overwriting the top-level key, and the LLM ties by its own config; an absent key takes the
+  LLM class's default (false for Qwen2, Qwen3, Qwen3-MoE and Llama). `config.py` resolves
+  it once and the LLM view gives vLLM the resolved value.
+- vocab_size, bos/eos/pad_token_id, rope settings (rope_theta/rope_scaling, or transformers
+  5's rope_parameters), max_position_embeddings, head_dim, sliding windows: the text level
+  only. Neither InternVLConfig nor the LLM reads a top-level copy; InternVLChatConfig copies
+  some of them up (vocab_size, hidden_size, token ids) for generation utilities, never down.
+  Missing ones take the text class's defaults, as vLLM reading the view through
+  transformers does (`llm_tensors.resolve_text_config`). Which token ends a turn is
+  generation_config.json's business: the LLM view links it, so vLLM stops as transformers'
+  generate does.
+- dtype / torch_dtype: transformers 5 writes `dtype` at the top level only; 4.x wrote
+  `torch_dtype` at both. The text level is read first, then the top level, then bfloat16.
+  It only informs: the servers' --dtype decides what they compute in.
+- image_token_id (-HF), the tiling keys and downsample_ratio: top level only (no text twin).
 
 Sources the names, shapes, config keys and tokenizer facts were checked against:
 - transformers 5.19 (installed): models/internvl/configuration_internvl.py,

@@ -14,9 +14,12 @@ The tiling knobs of this layout live in preprocessor_config.json (GotOcr2 image 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 ORIGINAL = "original"
 HF = "hf"
@@ -84,6 +87,7 @@ _CAUSAL_LM = {
     "llama": "LlamaForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
 }
+_MODEL_TYPE_OF_CAUSAL_LM = {causal_lm: model_type for model_type, causal_lm in _CAUSAL_LM.items()}
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,11 @@ class InternVLConfig:
                 f"min_dynamic_patch {self.min_dynamic_patch} / max_dynamic_patch "
                 f"{self.max_dynamic_patch} are not 1 <= min <= max"
             )
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        """Whether the LLM's head is its embedding table (resolved per layout at load)."""
+        return bool(self.llm_config["tie_word_embeddings"])
 
     @property
     def llm_hidden_size(self) -> int:
@@ -311,18 +320,50 @@ def _llm_config(config_file: Path, raw: dict[str, Any], key: str) -> dict[str, A
     if key == "text_config":
         # transformers' InternVLConfig defaults a text_config without model_type to qwen2.
         llm.setdefault("model_type", "qwen2")
-        if "tie_word_embeddings" not in llm and "tie_word_embeddings" in raw:
-            llm["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    architectures = llm.get("architectures") or [None]
+    llm.setdefault("model_type", _MODEL_TYPE_OF_CAUSAL_LM.get(architectures[0]))
     model_type = llm.get("model_type")
     if not llm.get("architectures"):
         if model_type not in _CAUSAL_LM:
             raise ValueError(f"{config_file}: {key}.architectures is missing")
         llm["architectures"] = [_CAUSAL_LM[model_type]]
+    _require(config_file, llm, "model_type", f"{key}.")
+    llm["tie_word_embeddings"] = _tie_word_embeddings(config_file, raw, key, llm)
     dtype = llm.get("torch_dtype") or llm.get("dtype") or raw.get("torch_dtype") or raw.get("dtype")
     llm["torch_dtype"] = dtype or "bfloat16"
     for needed in ("hidden_size", "vocab_size", "num_hidden_layers"):
         _require(config_file, llm, needed, f"{key}.")
     return llm
+
+
+def _tie_word_embeddings(
+    config_file: Path, raw: dict[str, Any], key: str, llm: dict[str, Any]
+) -> bool:
+    """Whether the LM head is the embedding table, decided as each layout's own code does.
+
+    -HF (transformers' InternVLForConditionalGeneration): the model ties by its top-level
+    config, InternVLConfig.tie_word_embeddings, which defaults to true, and never reads the
+    text_config's flag. transformers 5 writes both, and a tied head as no lm_head tensor.
+    Original (OpenGVLab's InternVLChatConfig): `self.tie_word_embeddings =
+    self.llm_config.tie_word_embeddings` overwrites the top-level key, and the LLM ties by
+    its own config; a missing key takes the LLM class's default (false for Qwen2/3, Llama).
+    """
+    if key == "text_config":
+        top = raw.get("tie_word_embeddings", True)
+        if "tie_word_embeddings" in llm and bool(llm["tie_word_embeddings"]) != bool(top):
+            log.info(
+                "%s: text_config.tie_word_embeddings=%s is overridden by the top-level "
+                "tie_word_embeddings=%s, as in transformers",
+                config_file,
+                llm["tie_word_embeddings"],
+                top,
+            )
+        return bool(top)
+    if "tie_word_embeddings" in llm:
+        return bool(llm["tie_word_embeddings"])
+    from dvd.checkpoint.llm_tensors import resolve_text_config
+
+    return bool(resolve_text_config(llm).tie_word_embeddings)
 
 
 def _read_json(file: Path) -> dict[str, Any]:

@@ -19,7 +19,17 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def llm_config(preset: Preset, ids: TokenIds) -> dict[str, Any]:
-    """A Qwen3ForCausalLM config dict (llm_config / text_config)."""
+    """A Qwen3ForCausalLM (or Qwen2ForCausalLM) config dict (llm_config / text_config)."""
+    config = _qwen3_llm_config(preset, ids)
+    if preset.llm_model_type == "qwen2":
+        # Qwen2's head_dim is hidden_size / heads, and its biases are not configurable.
+        for key in ("attention_bias", "head_dim"):
+            del config[key]
+        config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    return config
+
+
+def _qwen3_llm_config(preset: Preset, ids: TokenIds) -> dict[str, Any]:
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "attention_bias": False,
@@ -113,61 +123,9 @@ def _original_config(preset: Preset, ids: TokenIds) -> dict[str, Any]:
     }
 
 
-def hf_config(preset: Preset, ids: TokenIds) -> dict[str, Any]:
-    """config.json of the -HF (InternVLForConditionalGeneration) layout."""
-    return {
-        "architectures": ["InternVLForConditionalGeneration"],
-        "downsample_ratio": preset.downsample_ratio,
-        "image_seq_length": preset.tokens_per_tile,
-        "image_token_id": ids.img_context,
-        "model_type": "internvl",
-        "projector_hidden_act": "gelu",
-        "text_config": llm_config(preset, ids),
-        # transformers' InternVLConfig defaults this to True: an untied LLM must say so here
-        # too, or lm_head.weight would be replaced by the embedding table on load.
-        "tie_word_embeddings": preset.tie_word_embeddings,
-        "torch_dtype": "bfloat16",
-        "transformers_version": TRANSFORMERS_VERSION,
-        "vision_config": {
-            "architectures": ["InternVisionModel"],
-            "attention_bias": preset.vit_qkv_bias,
-            "attention_dropout": 0.0,
-            "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.0,
-            "hidden_size": preset.vit_hidden,
-            "image_size": [preset.image_size, preset.image_size],
-            "initializer_range": 1e-10,
-            "intermediate_size": preset.vit_intermediate,
-            "layer_norm_eps": 1e-06,
-            "layer_scale_init_value": 0.1,
-            "model_type": "internvl_vision",
-            "norm_type": preset.vit_norm_type,
-            "num_attention_heads": preset.vit_heads,
-            "num_channels": 3,
-            "num_hidden_layers": preset.vit_layers,
-            "patch_size": [preset.patch_size, preset.patch_size],
-            "projection_dropout": 0.0,
-            "torch_dtype": "bfloat16",
-            "use_absolute_position_embeddings": True,
-            "use_mask_token": False,
-            "use_mean_pooling": True,
-            "use_qk_norm": preset.vit_qk_normalization,
-        },
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "default",
-    }
-
-
-def generation_config(layout: str, ids: TokenIds) -> dict[str, Any]:
-    """generation_config.json: the original releases' has no token ids (69 bytes), the -HF
-    ones' carry Qwen's bos/eos (126 bytes)."""
-    if layout == "hf":
-        return {
-            "_from_model_config": True,
-            "bos_token_id": ids.bos,
-            "eos_token_id": ids.eos,
-            "transformers_version": TRANSFORMERS_VERSION,
-        }
+def original_generation_config() -> dict[str, Any]:
+    """generation_config.json of the original releases: no token ids (69 bytes). (The -HF
+    one, with Qwen's bos/eos, is written by transformers: hf_writer.py.)"""
     return {"_from_model_config": True, "transformers_version": TRANSFORMERS_VERSION}
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from dvd.checkpoint import config_files
 from dvd.checkpoint.config import HF, ORIGINAL
+from dvd.checkpoint.hf_writer import save_with_transformers
 from dvd.checkpoint.presets import get_preset
 from dvd.checkpoint.random_weights import random_state_dict, to_hf
 from dvd.checkpoint.tokenizer import REGULAR_VOCAB, write_tokenizer_files
@@ -52,24 +53,27 @@ def make_checkpoint(
         # Only the regular vocabulary and EOS can be generated; the rule does not depend on
         # the layout, so both layouts hold the same model (-HF's extra <video> is muted).
         vocab = ids.padded_vocab()
-        muted = [i for i in range(REGULAR_VOCAB, vocab) if i != ids.eos]
+        # With a tied head, muting zeroes embedding rows: keep those of the prompt markup.
+        in_prompts = (
+            {ids.img_start, ids.img_end, ids.im_start} if spec.tie_word_embeddings else set()
+        )
+        muted = [i for i in range(REGULAR_VOCAB, vocab) if i != ids.eos and i not in in_prompts]
         state = random_state_dict(spec, vocab, muted, seed)
-        if layout == HF:
-            state = to_hf(state, spec.vit_hidden)
         tensors = {name: t.to(torch.bfloat16).contiguous() for name, t in sorted(state.items())}
-        save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
         if layout == ORIGINAL:
+            save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
             _write_json(work / "config.json", config_files.original_config(spec, ids))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = config_files.safetensors_index(list(tensors), total, WEIGHTS_FILE)
             _write_json(work / "model.safetensors.index.json", index)
+            _write_json(work / "generation_config.json", config_files.original_generation_config())
         else:
-            _write_json(work / "config.json", config_files.hf_config(spec, ids))
+            llm = config_files.llm_config(spec, ids)
+            save_with_transformers(work, spec, ids, llm, to_hf(tensors, spec.vit_hidden))
             _write_json(
                 work / "preprocessor_config.json", config_files.hf_preprocessor_config(spec)
             )
             _write_json(work / "processor_config.json", config_files.hf_processor_config(spec))
-        _write_json(work / "generation_config.json", config_files.generation_config(layout, ids))
         os.chmod(work, 0o755)  # mkdtemp makes it 0700
         if target.exists():
             shutil.rmtree(target)

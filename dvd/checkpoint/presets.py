@@ -48,6 +48,9 @@ class Preset:
     llm_intermediate: int
     llm_max_position_embeddings: int
     tie_word_embeddings: bool
+    # The LLM family: "qwen3" (InternVL3.5) or "qwen2" (InternVL2.5/3, and transformers'
+    # default text_config), whose layers differ (q/k norms vs q/k/v biases).
+    llm_model_type: str = "qwen3"
     # InternVL3.5-Flash: the Visual Resolution Router and its thresholds (None: no ViR)
     flash_thresholds: tuple[float, float] | None = None  # (relative, absolute)
     # fixed by InternVL3.5; kept here so the FLOP estimates below are self-contained
@@ -69,6 +72,10 @@ class Preset:
                 f"vit_hidden {self.vit_hidden} is not a multiple of ViR's "
                 f"{VIR_POOLING_HEADS} pooling heads"
             )
+        if self.llm_model_type not in ("qwen3", "qwen2"):
+            raise ValueError(f"llm_model_type {self.llm_model_type!r} is not qwen3|qwen2")
+        if self.llm_model_type == "qwen2" and self.llm_heads * self.llm_head_dim != self.llm_hidden:
+            raise ValueError("a qwen2 LLM's head_dim is llm_hidden / llm_heads")
         if self.vit_norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"vit_norm_type {self.vit_norm_type!r} is not layer_norm|rms_norm")
 
@@ -142,6 +149,12 @@ PRESETS: dict[str, Preset] = {
 # their config.json; these are only for tests.
 PRESETS["tiny-flash"] = replace(PRESETS["tiny"], name="tiny-flash", flash_thresholds=(0.5, 0.05))
 PRESETS["small-flash"] = replace(PRESETS["small"], name="small-flash", flash_thresholds=(0.5, 0.05))
+
+# Test variants of "tiny" for the ways real checkpoints differ: a head tied to the embedding
+# table (transformers' InternVLConfig default, written as no lm_head tensor at all) and a
+# Qwen2 LLM (InternVL3's, and what an -HF text_config without model_type means).
+PRESETS["tiny-tied"] = replace(PRESETS["tiny"], name="tiny-tied", tie_word_embeddings=True)
+PRESETS["tiny-qwen2"] = replace(PRESETS["tiny"], name="tiny-qwen2", llm_model_type="qwen2")
 
 
 def get_preset(name: str) -> Preset:

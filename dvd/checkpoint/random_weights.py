@@ -66,9 +66,12 @@ def random_state_dict(
         _vir(init, preset)
     _llm(init, preset, vocab_size)
     state = init.out
-    head = "language_model.lm_head.weight"
-    if head in state:
-        state[head][list(muted)] = 0.0
+    # A tied head is the embedding table: zeroing its rows mutes those ids as outputs (and
+    # makes them zero inputs, so the caller leaves out the ids prompts contain).
+    head = "language_model.model.embed_tokens.weight"
+    if not preset.tie_word_embeddings:
+        head = "language_model.lm_head.weight"
+    state[head][list(muted)] = 0.0
     return state
 
 
@@ -150,12 +153,15 @@ def _llm(init: _Init, p: Preset, vocab_size: int) -> None:
     init.normal("language_model.model.embed_tokens.weight", (vocab_size, h), 1.0)
     for i in range(p.llm_layers):
         prefix = f"language_model.model.layers.{i}"
-        init.linear(f"{prefix}.self_attn.q_proj", q, h, bias=False)
-        init.linear(f"{prefix}.self_attn.k_proj", kv, h, bias=False)
-        init.linear(f"{prefix}.self_attn.v_proj", kv, h, bias=False)
+        # Qwen2 has q/k/v biases; Qwen3 has none but RMSNorms on q and k per head.
+        qwen2 = p.llm_model_type == "qwen2"
+        init.linear(f"{prefix}.self_attn.q_proj", q, h, bias=qwen2)
+        init.linear(f"{prefix}.self_attn.k_proj", kv, h, bias=qwen2)
+        init.linear(f"{prefix}.self_attn.v_proj", kv, h, bias=qwen2)
         init.linear(f"{prefix}.self_attn.o_proj", h, q, bias=False)
-        init.norm(f"{prefix}.self_attn.q_norm", p.llm_head_dim, bias=False)
-        init.norm(f"{prefix}.self_attn.k_norm", p.llm_head_dim, bias=False)
+        if not qwen2:
+            init.norm(f"{prefix}.self_attn.q_norm", p.llm_head_dim, bias=False)
+            init.norm(f"{prefix}.self_attn.k_norm", p.llm_head_dim, bias=False)
         init.linear(f"{prefix}.mlp.gate_proj", p.llm_intermediate, h, bias=False)
         init.linear(f"{prefix}.mlp.up_proj", p.llm_intermediate, h, bias=False)
         init.linear(f"{prefix}.mlp.down_proj", h, p.llm_intermediate, bias=False)

@@ -102,6 +102,7 @@ class TokenIds:
     img_start: int
     img_end: int
     img_context: int
+    im_start: int  # <|im_start|>, which opens every chat turn
 
     def padded_vocab(self, multiple: int = 64) -> int:
         """The LLM's vocab_size: len(tokenizer) rounded up, as Qwen's 151936 is.
@@ -188,6 +189,7 @@ def token_ids(layout: str) -> TokenIds:
         img_start=ids["<img>"],
         img_end=ids["</img>"],
         img_context=ids["<IMG_CONTEXT>"],
+        im_start=ids["<|im_start|>"],
     )
 
 

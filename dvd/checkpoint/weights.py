@@ -26,10 +26,29 @@ class CheckpointWeights:
         self.config = config
         self._file_of = _index(config.path)
         self.files: list[Path] = sorted(set(self._file_of.values()))
+        self._shapes: dict[str, tuple[int, ...]] | None = None
 
     def names(self) -> list[str]:
         """Stored tensor names, sorted."""
         return sorted(self._file_of)
+
+    def file_of(self, stored_name: str) -> Path:
+        """The safetensors file that holds `stored_name`."""
+        return self._file_of[stored_name]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Stored name -> shape, from the files' headers alone (no tensor is read)."""
+        if self._shapes is None:
+            shapes: dict[str, tuple[int, ...]] = {}
+            for file in self.files:
+                shapes.update(_header_shapes(file))
+            missing = sorted(set(self._file_of) - set(shapes))
+            if missing:
+                raise ValueError(
+                    f"{self.config.path}: the index names tensors its files lack: {missing[:5]}"
+                )
+            self._shapes = {name: shapes[name] for name in self._file_of}
+        return self._shapes
 
     def get(self, stored_name: str) -> torch.Tensor:
         """The tensor stored as `stored_name`, in its stored dtype."""
@@ -82,6 +101,23 @@ class CheckpointWeights:
             if names.llm_weight_name(stored) == "model.embed_tokens.weight":
                 return self.get(stored)
         raise ValueError(f"{self.config.path}: no LLM embed_tokens weight found")
+
+
+def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header: an 8-byte little-endian length, then JSON."""
+    with file.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if size <= 0 or size > 100 * 2**20:
+            raise ValueError(f"{file}: not a safetensors file (header length {size})")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{file}: unreadable safetensors header ({error})") from None
+    return {
+        name: tuple(int(d) for d in entry["shape"])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
 
 
 def _index(folder: Path) -> dict[str, Path]:
