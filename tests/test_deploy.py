@@ -136,16 +136,16 @@ def check_config(role: str, ns: argparse.Namespace) -> None:
         return
     if not ns.model:
         raise ValueError(f"no checkpoint: set DVD_{role.upper()}_MODEL or --model")
-    config_class: Any
-    if role == "vision":
-        from vision_server.config import VisionServerConfig as config_class
-    else:
-        from language_server.config import LanguageServerConfig as config_class
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    values = {k: v for k, v in vars(ns).items() if k in fields}
     if role == "language":
-        values["vision"] = tuple(a.strip() for a in ns.vision.split(",") if a.strip())
-    config_class(**values)
+        from language_server.cli import config_from_args as language_config
+        from language_server.engine_args import check_names
+
+        check_names(language_config(ns).engine_args)  # against vLLM's own names
+        return
+    from vision_server.config import VisionServerConfig
+
+    fields = {f.name for f in dataclasses.fields(VisionServerConfig)}
+    VisionServerConfig(**{k: v for k, v in vars(ns).items() if k in fields})
 
 
 def served_ports(role: str, ns: argparse.Namespace) -> dict[str, int]:
