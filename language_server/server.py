@@ -22,6 +22,7 @@ from language_server.image_features import FeatureSource
 from language_server.llm_view import prepare_llm_view
 from language_server.metrics import LanguageMetrics
 from language_server.service import LanguageService, ServiceLimits
+from language_server.vllm_version import check_vllm_version
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def engine_settings(config: LanguageServerConfig, view: Path, max_model_len: int
 
 
 async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
+    check_vllm_version()
     checkpoint = load_config(config.model)
     max_model_len = context_length(config, checkpoint)
     view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())

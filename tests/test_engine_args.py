@@ -8,6 +8,7 @@ start with the defaults is what every integration test does.
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from language_server.engine_args import (
     parse_engine_args,
     parse_value,
 )
+from language_server.vllm_version import check_vllm_version, installed_vllm_version, is_tested
 
 
 def parse(command: str, *argv: str) -> argparse.Namespace:
@@ -273,3 +275,17 @@ def test_vision_device_is_validated() -> None:
         with pytest.raises(ValueError, match="does not exist here"):
             check_device("cuda:0")
     check_device("cpu")
+
+
+def test_vllm_outside_the_tested_release_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    assert is_tested("0.32.0") and is_tested("0.32.1+cpu")
+    assert not is_tested("0.33.0") and not is_tested("0.3.2") and not is_tested("dev")
+    installed = installed_vllm_version()
+    assert installed is not None and is_tested(installed), installed
+    with caplog.at_level(logging.INFO, logger="language_server.vllm_version"):
+        assert check_vllm_version()
+        assert not check_vllm_version("0.33.0")
+        assert not check_vllm_version("")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "vLLM 0.33.0 is installed" in warnings[0]
+    assert ">=0.32.0,<0.33" in warnings[0]
