@@ -227,6 +227,18 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
     return procs
 
 
+def check_language(argv: list[str]) -> None:
+    """Builds the language server's config from its command line as `dvd language` will,
+    and checks its engine argument names: a bad setting fails here, before any child has
+    started (and before a vision server has loaded its model for nothing)."""
+    from dvd.cli import build_parser
+    from language_server.cli import config_from_args
+    from language_server.engine_args import check_names
+
+    language_args = build_parser().parse_args(argv[argv.index("language") :])
+    check_names(config_from_args(language_args).engine_args)
+
+
 def _die_with_parent() -> None:
     """Children get SIGTERM if `dvd up` itself is killed (Linux)."""
     try:
@@ -347,7 +359,9 @@ def run(args: argparse.Namespace) -> int:
         vision_shares = split_cpus(parse_cpus(args.vision_cpus), args.vision_replicas)
         pinning = dict(zip(vision_names(args.vision_replicas), vision_shares, strict=True))
         pinning["language"] = parse_cpus(args.language_cpus)
-        for name, argv in commands(args, model):
+        procs = commands(args, model)
+        check_language(dict(procs)["language"])
+        for name, argv in procs:
             children.append(start(name, argv, pinning.get(name)))
         code = supervise(children, f"http://{args.host}:{args.port}/ready", args.ready_timeout_s)
     except KeyboardInterrupt:

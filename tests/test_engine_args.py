@@ -207,6 +207,23 @@ def test_an_unknown_engine_arg_fails_before_anything_loads(tmp_path: Path) -> No
     assert "missing" not in result.stderr and "starting vLLM" not in result.stderr
 
 
+def test_dvd_up_refuses_bad_engine_settings_before_starting_anything(
+    tiny_checkpoint: Path,
+) -> None:
+    for flags, message in [
+        (["--engine-arg", "max-num-seq=4"], "did you mean max_num_seqs"),
+        (["--gpu-memory-utilization", "0.9"], "both size the KV cache"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "dvd", "up", "--model", str(tiny_checkpoint), *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "starting vision" not in result.stderr
+
+
 def test_dvd_up_forwards_engine_options_and_starts_a_vision_pool() -> None:
     from dvd.up import commands
 
