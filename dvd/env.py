@@ -8,6 +8,7 @@ without rewriting their command lines. Flags given on the command line win.
 from __future__ import annotations
 
 import os
+import shlex
 from typing import TypeVar
 
 T = TypeVar("T", str, int, float, bool)
@@ -37,6 +38,24 @@ def from_env(var: str, default: T) -> T:
         return type(default)(raw)
     except ValueError:
         raise ValueError(f"{var}={raw!r} is not a valid {type(default).__name__}") from None
+
+
+def optional_bool_from_env(var: str) -> bool | None:
+    """A three-way switch: True or False when the variable is set, None ("the engine's
+    default") when it is not."""
+    if os.environ.get(var) is None:
+        return None
+    return from_env(var, False)
+
+
+def list_from_env(var: str) -> list[str]:
+    """A repeatable flag's items, split like a shell command line (quote an item that holds
+    spaces: `a=1 'b={"x": 1}'`); unset means none."""
+    raw = os.environ.get(var, "")
+    try:
+        return shlex.split(raw)
+    except ValueError as exc:
+        raise ValueError(f"{var}={raw!r}: {exc}") from None
 
 
 def cache_dir() -> str:

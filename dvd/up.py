@@ -4,6 +4,10 @@ Starts a vision server, a language server and a gateway (or, with --coupled, a l
 server with the vision model inside and a gateway), waits until the gateway reports ready,
 and then watches them: Ctrl-C or SIGTERM stops all of them; a child that exits on its own
 is reported with its exit code and the rest are stopped.
+
+`--vision-replicas N` starts N vision servers on consecutive ports from --vision-port, one
+per GPU on a GPU host (or per device listed in --vision-device), one per share of
+--vision-cpus on a CPU host; the language server balances over all of them (one pool).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from dvd.env import cache_dir
 from dvd.flags import add_flag
+from language_server.cli import ENGINE_FLAGS, add_engine_flags
 
 COMMAND = "up"
 DEFAULT_PRESET = "tiny"
@@ -45,7 +50,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_flag(parser, COMMAND, "--host", "127.0.0.1", "gateway address")
     add_flag(parser, COMMAND, "--port", 8000, "gateway HTTP port")
-    add_flag(parser, COMMAND, "--vision-port", 50051, "vision server gRPC port (on 127.0.0.1)")
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision-port",
+        50051,
+        "vision server gRPC port (on 127.0.0.1); replica i listens on this port + i",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision-replicas",
+        1,
+        "vision servers to start, in one pool the language server balances over",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision-device",
+        "auto",
+        "torch device of the vision servers: auto (with several replicas: one GPU each, "
+        "round robin, on a GPU host), cpu, cuda:N, or a comma-separated list, one per replica",
+    )
     add_flag(parser, COMMAND, "--language-port", 50061, "language server gRPC port (on 127.0.0.1)")
     add_flag(
         parser,
@@ -63,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_flag(parser, COMMAND, "--dtype", "bfloat16", "model dtype: bfloat16 or float32")
     add_flag(parser, COMMAND, "--max-model-len", 0, "context length; 0: the model's, capped")
-    add_flag(parser, COMMAND, "--kv-cache-gib", 2.0, "KV cache size in GiB")
+    add_engine_flags(parser, COMMAND)  # forwarded to the language server
     add_flag(parser, COMMAND, "--served-model-name", None, "model name clients use")
     add_flag(parser, COMMAND, "--ready-timeout-s", 600.0, "how long to wait for the stack")
     add_flag(
@@ -71,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         COMMAND,
         "--vision-cpus",
         "",
-        "CPU ids the vision server may run on, e.g. 0 or 0-3,8 (default: any)",
+        "CPU ids the vision server may run on, e.g. 0 or 0-3,8 (default: any); with several "
+        "replicas, split among them in equal consecutive shares",
     )
     add_flag(
         parser,
@@ -106,10 +133,56 @@ def default_checkpoint() -> Path:
     return path
 
 
+def engine_arguments(args: argparse.Namespace) -> list[str]:
+    """The language server's engine flags, as `dvd up` was given them."""
+    argv: list[str] = []
+    for flag in ENGINE_FLAGS:
+        argv += [flag, str(getattr(args, flag.lstrip("-").replace("-", "_")))]
+    if args.enable_prefix_caching is not None:
+        argv.append(
+            "--enable-prefix-caching"
+            if args.enable_prefix_caching
+            else "--no-enable-prefix-caching"
+        )
+    argv.append("--enforce-eager" if args.enforce_eager else "--no-enforce-eager")
+    for item in args.engine_arg:
+        argv += ["--engine-arg", item]
+    return argv
+
+
+def vision_names(replicas: int) -> list[str]:
+    """Child names: "vision" alone, "vision-1".."vision-N" for several."""
+    return ["vision"] if replicas == 1 else [f"vision-{i + 1}" for i in range(replicas)]
+
+
+def vision_devices(text: str, replicas: int) -> list[str]:
+    """The --device of each vision replica. "auto" with several replicas puts one on each
+    GPU of a GPU host (round robin when there are more replicas than GPUs)."""
+    devices = [d.strip() for d in text.split(",") if d.strip()] or ["auto"]
+    if len(devices) == 1:
+        if devices[0] == "auto" and replicas > 1:
+            gpus = gpu_count()
+            if gpus:
+                return [f"cuda:{i % gpus}" for i in range(replicas)]
+        return devices * replicas
+    if len(devices) != replicas:
+        raise ValueError(
+            f"vision_device: {len(devices)} devices listed for {replicas} vision replicas"
+        )
+    return devices
+
+
+def gpu_count() -> int:
+    """CUDA devices this process sees (torch is imported only to count them)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]]]:
     dvd = [sys.executable, "-m", "dvd"]
     common = ["--model", str(model), "--dtype", args.dtype, "--log-level", args.log_level]
-    vision_addr = f"127.0.0.1:{args.vision_port}"
+    vision_ports = [args.vision_port + i for i in range(args.vision_replicas)]
     language = [
         *dvd,
         "language",
@@ -118,15 +191,15 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
         str(args.language_port),
         "--max-model-len",
         str(args.max_model_len),
-        "--kv-cache-gib",
-        str(args.kv_cache_gib),
+        *engine_arguments(args),
     ]
     if args.served_model_name:
         language += ["--served-model-name", args.served_model_name]
     if args.coupled:
         language += ["--mode", "coupled"]
     else:
-        language += ["--mode", "dvd", "--vision", vision_addr, "--transport", args.transport]
+        pool = ",".join(f"127.0.0.1:{port}" for port in vision_ports)
+        language += ["--mode", "dvd", "--vision", pool, "--transport", args.transport]
     gateway = [
         *dvd,
         "gateway",
@@ -141,10 +214,29 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
     ]
     procs = [("language", language), ("gateway", gateway)]
     if not args.coupled:
-        vision = [*dvd, "vision", *common, "--port", str(args.vision_port)]
         accepted = "grpc" if args.transport == "grpc" else f"grpc,{args.transport}"
-        procs.insert(0, ("vision", [*vision, "--transport", accepted]))
+        names = vision_names(args.vision_replicas)
+        devices = vision_devices(args.vision_device, args.vision_replicas)
+        visions = []
+        for name, port, device in zip(names, vision_ports, devices, strict=True):
+            argv = [*dvd, "vision", *common, "--port", str(port), "--transport", accepted]
+            if device != "auto":
+                argv += ["--device", device]
+            visions.append((name, argv))
+        procs[:0] = visions
     return procs
+
+
+def check_language(argv: list[str]) -> None:
+    """Builds the language server's config from its command line as `dvd language` will,
+    and checks its engine argument names: a bad setting fails here, before any child has
+    started (and before a vision server has loaded its model for nothing)."""
+    from dvd.cli import build_parser
+    from language_server.cli import config_from_args
+    from language_server.engine_args import check_names
+
+    language_args = build_parser().parse_args(argv[argv.index("language") :])
+    check_names(config_from_args(language_args).engine_args)
 
 
 def _die_with_parent() -> None:
@@ -167,6 +259,22 @@ def parse_cpus(text: str) -> set[int]:
         except ValueError:
             raise ValueError(f"CPU list {text!r}: {part!r} is not N or N-M") from None
     return cpus
+
+
+def split_cpus(cpus: set[int], parts: int) -> list[set[int]]:
+    """Consecutive, nearly equal shares of `cpus`, one per replica; no CPUs: no pinning."""
+    if not cpus:
+        return [set() for _ in range(parts)]
+    ordered = sorted(cpus)
+    if len(ordered) < parts:
+        raise ValueError(f"vision_cpus: {len(ordered)} CPUs cannot be split among {parts}")
+    size, extra = divmod(len(ordered), parts)
+    shares, begin = [], 0
+    for i in range(parts):
+        end = begin + size + (1 if i < extra else 0)
+        shares.append(set(ordered[begin:end]))
+        begin = end
+    return shares
 
 
 def start(name: str, argv: list[str], cpus: set[int] | None = None) -> Child:
@@ -246,11 +354,14 @@ def run(args: argparse.Namespace) -> int:
     children: list[Child] = []
     code = 0
     try:
-        pinning = {
-            "vision": parse_cpus(args.vision_cpus),
-            "language": parse_cpus(args.language_cpus),
-        }
-        for name, argv in commands(args, model):
+        if args.vision_replicas < 1:
+            raise ValueError(f"vision_replicas: must be at least 1, not {args.vision_replicas}")
+        vision_shares = split_cpus(parse_cpus(args.vision_cpus), args.vision_replicas)
+        pinning = dict(zip(vision_names(args.vision_replicas), vision_shares, strict=True))
+        pinning["language"] = parse_cpus(args.language_cpus)
+        procs = commands(args, model)
+        check_language(dict(procs)["language"])
+        for name, argv in procs:
             children.append(start(name, argv, pinning.get(name)))
         code = supervise(children, f"http://{args.host}:{args.port}/ready", args.ready_timeout_s)
     except KeyboardInterrupt:

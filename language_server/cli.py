@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from dvd.flags import add_flag
+from dvd.flags import add_flag, add_repeated_flag, add_switch
+
+if TYPE_CHECKING:
+    from language_server.config import LanguageServerConfig
 
 COMMAND = "language"
 
@@ -77,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "context length in tokens; 0 means min(max_position_embeddings, 32768)",
     )
     add_flag(parser, COMMAND, "--max-num-seqs", 64, "most sequences vLLM batches at once")
-    add_flag(parser, COMMAND, "--kv-cache-gib", 2.0, "KV cache size in GiB")
+    add_engine_flags(parser, COMMAND)
     add_flag(parser, COMMAND, "--max-images-per-request", 16, "images allowed in one request")
     add_flag(parser, COMMAND, "--vision-timeout-s", 120.0, "deadline of one Encode call")
     add_flag(parser, COMMAND, "--vision-device", "auto", "coupled mode: torch device of the ViT")
@@ -98,15 +102,82 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from dvd.grpc_server import setup_logging
-    from language_server.config import LanguageServerConfig
-    from language_server.server import run as run_server
+def add_engine_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """The vLLM engine's flags; `dvd up` has the same ones and forwards them (ENGINE_FLAGS)."""
+    add_flag(
+        parser,
+        command,
+        "--kv-cache-gib",
+        2.0,
+        "KV cache size in GiB per GPU; 0: vLLM sizes it from --gpu-memory-utilization",
+    )
+    add_flag(
+        parser,
+        command,
+        "--gpu-memory-utilization",
+        0.0,
+        "fraction of each GPU's memory vLLM may use (weights, activations, KV cache), e.g. "
+        "0.9; only with --kv-cache-gib 0",
+    )
+    add_flag(parser, command, "--tensor-parallel-size", 1, "GPUs the LLM is split across")
+    add_flag(parser, command, "--pipeline-parallel-size", 1, "pipeline stages of the LLM")
+    add_flag(
+        parser,
+        command,
+        "--quantization",
+        "",
+        "vLLM quantization method, e.g. fp8, awq; empty: what the checkpoint's config says",
+    )
+    add_flag(
+        parser,
+        command,
+        "--max-num-batched-tokens",
+        0,
+        "most tokens in one engine step (chunked prefill); 0: vLLM's default",
+    )
+    add_switch(
+        parser,
+        command,
+        "--enable-prefix-caching",
+        "reuse the KV cache of shared prompt prefixes",
+        "vLLM's (on for generative models)",
+    )
+    add_flag(
+        parser,
+        command,
+        "--enforce-eager",
+        True,
+        "run the LLM eagerly; --no-enforce-eager lets vLLM capture CUDA graphs and compile "
+        "(faster decoding on GPUs, slower start)",
+    )
+    add_repeated_flag(
+        parser,
+        command,
+        "--engine-arg",
+        "any other vLLM engine argument (AsyncEngineArgs), e.g. kv_cache_dtype=fp8 or "
+        "compilation_config='{\"cudagraph_capture_sizes\": [1, 2, 4]}'; VALUE is JSON when "
+        "it parses, else a string; repeatable",
+        "KEY=VALUE",
+    )
 
-    if not args.model:
-        raise SystemExit("dvd language: --model (or DVD_LANGUAGE_MODEL) is required")
-    setup_logging(args.log_level)
-    config = LanguageServerConfig(
+
+ENGINE_FLAGS = (
+    "--kv-cache-gib",
+    "--gpu-memory-utilization",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--quantization",
+    "--max-num-batched-tokens",
+)
+"""add_engine_flags' flags that take one value, in the order `dvd up` forwards them."""
+
+
+def config_from_args(args: argparse.Namespace) -> LanguageServerConfig:
+    """The config `dvd language` runs with; ValueError names a bad field."""
+    from language_server.config import LanguageServerConfig
+    from language_server.engine_args import parse_engine_args
+
+    return LanguageServerConfig(
         model=args.model,
         host=args.host,
         port=args.port,
@@ -117,6 +188,14 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        quantization=args.quantization,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        engine_args=parse_engine_args(args.engine_arg),
         max_images_per_request=args.max_images_per_request,
         vision_timeout_s=args.vision_timeout_s,
         vision_device=args.vision_device,
@@ -133,4 +212,18 @@ def run(args: argparse.Namespace) -> int:
         rdma_buffer_mib=args.rdma_buffer_mib,
         rdma_gid_index=args.rdma_gid_index,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dvd.grpc_server import setup_logging
+    from language_server.engine_args import check_names
+    from language_server.server import run as run_server
+
+    if not args.model:
+        raise SystemExit("dvd language: --model (or DVD_LANGUAGE_MODEL) is required")
+    config = config_from_args(args)
+    # Before logging is set up and anything heavy is read: a misspelt engine argument fails
+    # in seconds, not after the checkpoint has been prepared.
+    check_names(config.engine_args)
+    setup_logging(args.log_level)
     return run_server(config)

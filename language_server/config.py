@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dvd.transport import NAMES as TRANSPORTS
 from dvd.vir_mode import NAMES as VIR_NAMES
+from language_server.engine_args import EngineArgs, check_owned
 
 MODES = ("dvd", "coupled")
 
@@ -23,7 +24,18 @@ class LanguageServerConfig:
     dtype: str = "bfloat16"
     max_model_len: int = 0  # 0: min(the model's max_position_embeddings, 32768)
     max_num_seqs: int = 64
+    # The KV cache is sized one way: kv_cache_gib > 0 fixes its size (per GPU), or
+    # kv_cache_gib 0 lets vLLM size it from gpu_memory_utilization (a fraction of each GPU's
+    # memory for weights, activations and KV cache together). Setting both is an error.
     kv_cache_gib: float = 2.0
+    gpu_memory_utilization: float = 0.0  # 0: not used (kv_cache_gib sizes the cache)
+    tensor_parallel_size: int = 1  # GPUs the LLM's layers are split across
+    pipeline_parallel_size: int = 1  # stages the LLM's layers are cut into
+    quantization: str = ""  # "": vLLM reads it from the checkpoint's config, if any
+    max_num_batched_tokens: int = 0  # 0: vLLM's default
+    enable_prefix_caching: bool | None = None  # None: vLLM's default
+    enforce_eager: bool = True  # False: CUDA graphs / torch.compile (slower start)
+    engine_args: EngineArgs = ()  # any other vLLM engine argument, as (name, value) pairs
     max_images_per_request: int = 16
     vision_timeout_s: float = 120.0
     # Coupled mode only: where and how the in-process ViT runs.
@@ -61,7 +73,11 @@ class LanguageServerConfig:
             "metrics_port": 0 <= self.metrics_port < 65536,
             "max_model_len": self.max_model_len >= 0,
             "max_num_seqs": self.max_num_seqs >= 1,
-            "kv_cache_gib": self.kv_cache_gib > 0,
+            "kv_cache_gib": self.kv_cache_gib >= 0,
+            "gpu_memory_utilization": 0 <= self.gpu_memory_utilization <= 1,
+            "tensor_parallel_size": self.tensor_parallel_size >= 1,
+            "pipeline_parallel_size": self.pipeline_parallel_size >= 1,
+            "max_num_batched_tokens": self.max_num_batched_tokens >= 0,
             "max_images_per_request": self.max_images_per_request >= 1,
             "vision_timeout_s": self.vision_timeout_s > 0,
             "max_batch_tiles": self.max_batch_tiles >= 1,
@@ -72,6 +88,24 @@ class LanguageServerConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"language server: invalid {name}={getattr(self, name)!r}")
+        self._check_kv_cache_sizing()
+        try:
+            check_owned(self.engine_args)
+        except ValueError as exc:
+            raise ValueError(f"language server: {exc}") from None
+
+    def _check_kv_cache_sizing(self) -> None:
+        if self.kv_cache_gib > 0 and self.gpu_memory_utilization > 0:
+            raise ValueError(
+                "language server: kv_cache_gib and gpu_memory_utilization both size the KV "
+                "cache; set --kv-cache-gib 0 to let vLLM size it from "
+                "--gpu-memory-utilization, or leave --gpu-memory-utilization at 0"
+            )
+        if self.kv_cache_gib == 0 and self.gpu_memory_utilization == 0:
+            raise ValueError(
+                "language server: kv_cache_gib is 0, so gpu_memory_utilization must be in "
+                "(0, 1] (e.g. --gpu-memory-utilization 0.9) to size the KV cache"
+            )
 
     @property
     def address(self) -> str:

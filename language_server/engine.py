@@ -16,20 +16,30 @@ from typing import Any
 
 import torch
 
-from language_server.llm_view import LOAD_FORMAT
+from language_server.engine_args import EngineArgs, build_engine_args
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """What the engine starts with; language_server/engine_args.py turns it into vLLM's
+    AsyncEngineArgs. A 0 or None leaves the setting to vLLM's default."""
+
     view: Path
     dtype: str
     max_model_len: int
     max_num_seqs: int
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # 0: vLLM sizes the KV cache from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    quantization: str = ""
+    max_num_batched_tokens: int = 0
+    enable_prefix_caching: bool | None = None
     enforce_eager: bool = True
     seed: int = 0
+    extra: EngineArgs = ()  # --engine-arg pairs, checked against vLLM's names
 
 
 @dataclass(frozen=True)
@@ -55,26 +65,23 @@ class LlmEngine:
 
     @classmethod
     def start(cls, settings: EngineSettings) -> LlmEngine:
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(settings.view),
-            load_format=LOAD_FORMAT,
-            dtype=settings.dtype,  # type: ignore[arg-type]  # checked by parse_dtype
-            enforce_eager=settings.enforce_eager,
-            enable_prompt_embeds=True,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            kv_cache_memory_bytes=settings.kv_cache_bytes,
-            seed=settings.seed,
-            disable_log_stats=True,
+        args = build_engine_args(settings)
+        kv_cache = (
+            f"KV cache {settings.kv_cache_bytes / 2**20:.0f} MiB"
+            if settings.kv_cache_bytes
+            else f"KV cache from gpu_memory_utilization {args.gpu_memory_utilization}"
         )
         log.info(
-            "starting vLLM on %s (max_model_len %d, KV cache %.0f MiB)",
+            "starting vLLM on %s (max_model_len %d, %s, tensor parallel %d, pipeline parallel "
+            "%d%s)",
             settings.view,
             settings.max_model_len,
-            settings.kv_cache_bytes / 2**20,
+            kv_cache,
+            settings.tensor_parallel_size,
+            settings.pipeline_parallel_size,
+            "".join(f", {k}={v!r}" for k, v in settings.extra),
         )
         return cls(AsyncLLM.from_engine_args(args))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from prometheus_client import start_http_server
 
@@ -22,6 +23,7 @@ from language_server.image_features import FeatureSource
 from language_server.llm_view import prepare_llm_view
 from language_server.metrics import LanguageMetrics
 from language_server.service import LanguageService, ServiceLimits
+from language_server.vllm_version import check_vllm_version
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +100,34 @@ def make_receiver(config: LanguageServerConfig) -> FeatureReceiver:
     return receiver_class(config.transport)(**options.get(config.transport, {}))
 
 
+def engine_settings(config: LanguageServerConfig, view: Path, max_model_len: int) -> EngineSettings:
+    """The engine's settings from the server's config (language_server/engine_args.py turns
+    them into vLLM's AsyncEngineArgs)."""
+    return EngineSettings(
+        view=view,
+        dtype=config.dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        kv_cache_bytes=int(config.kv_cache_gib * 2**30),
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        quantization=config.quantization,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        enable_prefix_caching=config.enable_prefix_caching,
+        enforce_eager=config.enforce_eager,
+        extra=config.engine_args,
+    )
+
+
 async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
+    check_vllm_version()
     checkpoint = load_config(config.model)
     max_model_len = context_length(config, checkpoint)
     # Fail before vLLM starts, naming the tensors, rather than serve uninitialised weights.
     verify_checkpoint(config, checkpoint)
     view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())
-    engine = LlmEngine.start(
-        EngineSettings(
-            view=view,
-            dtype=config.dtype,
-            max_model_len=max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            kv_cache_bytes=int(config.kv_cache_gib * 2**30),
-        )
-    )
+    engine = LlmEngine.start(engine_settings(config, view, max_model_len))
     builder = PromptBuilder.from_checkpoint(checkpoint, view, parse_dtype(config.dtype))
     vision = make_feature_source(config, checkpoint)
     metrics = LanguageMetrics()

