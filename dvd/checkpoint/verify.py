@@ -71,9 +71,13 @@ def compare(
             "%s: %d stored %s tensors are not used: %s", checkpoint, len(extra), what, extra[:8]
         )
     if lines:
-        files = ", ".join(sorted({t.file.name for t in stored.values()})) or "no file"
+        names_of_files = sorted({t.file.name for t in stored.values()})
+        files = ", ".join(names_of_files[:3]) or "no file"
+        if len(names_of_files) > 3:
+            files += f" and {len(names_of_files) - 3} more"
         raise CheckpointMismatch(
-            f"{checkpoint}: the {what} tensors do not fit config.json ({len(lines)} problems; "
+            f"{checkpoint}: the {what} tensors do not fit config.json ({len(lines)} "
+            f"problem{'s' if len(lines) > 1 else ''}; "
             f"files read: {files}){hint}:\n" + "\n".join(lines)
         )
 
