@@ -195,7 +195,8 @@ class Members(Generic[M]):
             kept = self._last.get(target, [])
             log.warning("%s: cannot resolve %s (%s); keeping %s", self.what, target, exc, kept)
             return kept
-        found = [join_host_port(ip, target.port) for ip in ips]
+        # DNS servers rotate their answers; members keep one order whatever it was.
+        found = [join_host_port(ip, target.port) for ip in sorted(ips)]
         self._last[target] = found
         return found
 

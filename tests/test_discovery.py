@@ -52,7 +52,7 @@ def test_the_system_resolver_reads_hosts_and_numbers() -> None:
 def test_a_dns_server_resolver_asks_that_server(dns_server: DnsServer) -> None:
     resolver = DnsServerResolver(dns_server.address)
     dns_server.set("vision.test", ["127.0.0.2", "127.0.0.3"])
-    assert asyncio.run(resolver.resolve("vision.test")) == ["127.0.0.2", "127.0.0.3"]
+    assert sorted(asyncio.run(resolver.resolve("vision.test"))) == ["127.0.0.2", "127.0.0.3"]
     dns_server.set("vision.test", [])
     with pytest.raises(OSError, match=r"vision\.test"):
         asyncio.run(resolver.resolve("vision.test"))
