@@ -36,7 +36,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         COMMAND,
         "--vision",
         "127.0.0.1:50051",
-        "vision server address(es), comma-separated (dvd mode)",
+        "vision servers, comma-separated (dvd mode): addresses (host:port) and DNS names "
+        "(name:port or dns:///name:port, e.g. a headless Service); every address a name "
+        "resolves to is a pool member of its own",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision-routing",
+        "cache-affine",
+        "which vision server gets a request: cache-affine (rendezvous hashing of its first "
+        "image, bounded by load, so repeated images hit one encoder cache) or least-loaded",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision-resolve-s",
+        5.0,
+        "how often DNS names in --vision are resolved again (also at once when a call fails)",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--dns-server",
+        "",
+        "resolve --vision names with this DNS server (ip:port) instead of the system resolver",
     )
     add_flag(
         parser,
@@ -183,6 +207,9 @@ def config_from_args(args: argparse.Namespace) -> LanguageServerConfig:
         port=args.port,
         mode=args.mode,
         vision=tuple(a.strip() for a in args.vision.split(",") if a.strip()),
+        vision_routing=args.vision_routing,
+        vision_resolve_s=args.vision_resolve_s,
+        dns_server=args.dns_server,
         served_model_name=args.served_model_name,
         dtype=args.dtype,
         max_model_len=args.max_model_len,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dvd.discovery import parse_targets
 from dvd.transport import NAMES as TRANSPORTS
 from dvd.vir_mode import NAMES as VIR_NAMES
 from language_server.engine_args import EngineArgs, check_owned
 
 MODES = ("dvd", "coupled")
+VISION_ROUTINGS = ("cache-affine", "least-loaded")
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -20,6 +22,9 @@ class LanguageServerConfig:
     port: int = 50061
     mode: str = "dvd"
     vision: tuple[str, ...] = field(default=("127.0.0.1:50051",))
+    vision_routing: str = "cache-affine"  # or "least-loaded"
+    vision_resolve_s: float = 5.0  # how often DNS names in `vision` are resolved again
+    dns_server: str = ""  # "": the system resolver
     served_model_name: str | None = None
     dtype: str = "bfloat16"
     max_model_len: int = 0  # 0: min(the model's max_position_embeddings, 32768)
@@ -61,6 +66,13 @@ class LanguageServerConfig:
             raise ValueError("language server: dvd mode needs at least one --vision address")
         if self.vir_mode not in ("auto", *VIR_NAMES):
             raise ValueError(f"language server: vir_mode must be auto or one of {VIR_NAMES}")
+        if self.vision_routing not in VISION_ROUTINGS:
+            raise ValueError(f"language server: vision_routing must be one of {VISION_ROUTINGS}")
+        if self.mode == "dvd":
+            try:
+                parse_targets(self.vision)
+            except ValueError as exc:
+                raise ValueError(f"language server: vision: {exc}") from None
         if self.transport not in TRANSPORTS:
             raise ValueError(f"language server: transport must be one of {TRANSPORTS}")
         checks = {
@@ -72,6 +84,7 @@ class LanguageServerConfig:
             "port": 0 <= self.port < 65536,
             "metrics_port": 0 <= self.metrics_port < 65536,
             "max_model_len": self.max_model_len >= 0,
+            "vision_resolve_s": self.vision_resolve_s > 0,
             "max_num_seqs": self.max_num_seqs >= 1,
             "kv_cache_gib": self.kv_cache_gib >= 0,
             "gpu_memory_utilization": 0 <= self.gpu_memory_utilization <= 1,

@@ -71,6 +71,12 @@ class CoupledVision:
         except ValueError as exc:  # e.g. a mode the checkpoint cannot serve
             raise InvalidInput(str(exc)) from None
 
+    async def start(self) -> None:
+        """Nothing to connect to: the vision model is in this process."""
+
+    def member_addresses(self) -> list[str]:
+        return []
+
     async def healthy(self) -> list[tuple[str, bool]]:
         return []
 

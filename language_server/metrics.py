@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OUTCOMES = ("ok", "retried", "error")
+"""Encode call outcomes per vision member: retried means it failed UNAVAILABLE and
+the request went to another member."""
 STAGES = ("queue", "preprocess", "encode", "transfer", "prompt", "prefill", "decode", "total")
 
 
@@ -34,3 +39,60 @@ class LanguageMetrics:
             buckets=_SECONDS,
             registry=r,
         )
+        # The vision pool, per member (one vision server process, label "member": its
+        # address). A member's series are removed when it leaves the pool.
+        self.vision_calls = Counter(
+            "dvd_language_vision_member_calls_total",
+            "Encode calls sent to each vision server",
+            ["member", "outcome"],
+            registry=r,
+        )
+        self.vision_tiles = Counter(
+            "dvd_language_vision_member_tiles_total",
+            "Tiles each vision server encoded (or served from its cache) for this server",
+            ["member"],
+            registry=r,
+        )
+        self.vision_cache_hits = Counter(
+            "dvd_language_vision_member_cache_hits_total",
+            "Images each vision server served from its encoder cache",
+            ["member"],
+            registry=r,
+        )
+        self.vision_images = Counter(
+            "dvd_language_vision_member_images_total",
+            "Images sent to each vision server",
+            ["member"],
+            registry=r,
+        )
+        self.vision_in_flight = Gauge(
+            "dvd_language_vision_member_in_flight",
+            "Images in flight on each vision server",
+            ["member"],
+            registry=r,
+        )
+        self.healthy_vision_members = Gauge(
+            "dvd_language_healthy_vision_members",
+            "Vision servers that answered the last health check SERVING",
+            registry=r,
+        )
+        self.vision_members = Gauge(
+            "dvd_language_vision_members",
+            "Vision servers in the pool, by state (active: gets calls; draining: gone from "
+            "DNS, finishing its calls)",
+            ["state"],
+            registry=r,
+        )
+
+    def forget_vision_member(self, member: str) -> None:
+        """Drops a departed member's series (pods come and go; their labels should not)."""
+        for family in (self.vision_tiles, self.vision_cache_hits, self.vision_images):
+            _remove(family, member)
+        _remove(self.vision_in_flight, member)
+        for outcome in OUTCOMES:
+            _remove(self.vision_calls, member, outcome)
+
+
+def _remove(family: Counter | Gauge, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # that label set was never used
+        family.remove(*labels)

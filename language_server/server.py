@@ -53,7 +53,9 @@ def verify_checkpoint(config: LanguageServerConfig, checkpoint: InternVLConfig) 
         verify_vision(checkpoint, weights)
 
 
-def make_feature_source(config: LanguageServerConfig, checkpoint: InternVLConfig) -> FeatureSource:
+def make_feature_source(
+    config: LanguageServerConfig, checkpoint: InternVLConfig, metrics: LanguageMetrics
+) -> FeatureSource:
     dtype = parse_dtype(config.dtype)
     if config.mode == "dvd":
         from language_server.vision_client import VisionPool
@@ -67,6 +69,10 @@ def make_feature_source(config: LanguageServerConfig, checkpoint: InternVLConfig
             make_receiver(config),
             max_rows,
             checkpoint.llm_hidden_size,
+            routing=config.vision_routing,
+            resolve_s=config.vision_resolve_s,
+            dns_server=config.dns_server,
+            metrics=metrics,
         )
     from language_server.coupled import CoupledVision
     from vision_server.encoder import TilingLimits, VisionEncoder
@@ -129,8 +135,9 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
     view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())
     engine = LlmEngine.start(engine_settings(config, view, max_model_len))
     builder = PromptBuilder.from_checkpoint(checkpoint, view, parse_dtype(config.dtype))
-    vision = make_feature_source(config, checkpoint)
     metrics = LanguageMetrics()
+    vision = make_feature_source(config, checkpoint, metrics)
+    await vision.start()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     limits = ServiceLimits(
@@ -138,7 +145,6 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
         max_model_len=max_model_len,
         max_images_per_request=config.max_images_per_request,
         mode=config.mode,
-        vision_addresses=config.vision if config.mode == "dvd" else (),
     )
     service = LanguageService(limits, builder, engine, vision, metrics)
     server = new_server()

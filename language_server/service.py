@@ -28,7 +28,6 @@ class ServiceLimits:
     max_model_len: int
     max_images_per_request: int
     mode: str
-    vision_addresses: tuple[str, ...]
 
 
 class LanguageService(language_pb2_grpc.LanguageServiceServicer):
@@ -220,26 +219,31 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             model=self.limits.model_name,
             max_model_len=self.limits.max_model_len,
             mode=self.limits.mode,
-            vision_addresses=list(self.limits.vision_addresses),
+            vision_addresses=self.vision.member_addresses(),
             max_images_per_request=self.limits.max_images_per_request,
         )
 
     async def Health(
         self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.HealthResponse:
+        """SERVING means "can serve": the engine runs and, in dvd mode, at least one vision
+        server answers. Vision servers that do not answer are named in `detail` either way:
+        one lost replica degrades the pool, it does not take this server out of service."""
         problems = [] if self.ready else ["draining"]
         if not await self.engine.healthy():
             problems.append("LLM engine is not healthy")
-        problems += [
-            f"vision server {address} is not serving"
-            for address, ok in await self.vision.healthy()
-            if not ok
-        ]
+        vision = await self.vision.healthy()
+        lost = [f"vision server {address} is not serving" for address, ok in vision if not ok]
+        if self.limits.mode == "dvd" and not any(ok for _, ok in vision):
+            problems.append("no vision server is serving")
         if problems:
             return common_pb2.HealthResponse(
-                status=common_pb2.HealthResponse.STATUS_NOT_SERVING, detail="; ".join(problems)
+                status=common_pb2.HealthResponse.STATUS_NOT_SERVING,
+                detail="; ".join(problems + lost),
             )
-        return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_SERVING)
+        return common_pb2.HealthResponse(
+            status=common_pb2.HealthResponse.STATUS_SERVING, detail="; ".join(lost)
+        )
 
 
 def _finish_reason(reason: str) -> str:

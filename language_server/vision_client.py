@@ -1,39 +1,65 @@
 """DvD mode: features come from vision servers over gRPC, their bytes through a transport.
 
-Each request goes to the vision server with the fewest images in flight from this
-language server (ties: round robin). It travels as a call on that server's EncodeSession
-stream (dvd.encode_session), or, when its bytes travel inside the stream (grpc), on an
-Encode RPC of its own. A request that fails with UNAVAILABLE before any response arrived
-is retried once on another server; after the first response it is not. The transport's
-receiver (dvd.transport) prepares where the features land; its memory is released once
-the prompt has been assembled from them (EncodedImages.release).
+The pool's members are vision server processes: every address given, and every address a
+DNS name resolves to (dvd.discovery: re-resolved every few seconds and when a call fails;
+a member gone from DNS finishes its calls and leaves). Each member has its own channel,
+EncodeSession and load count, so balancing happens here, per request, never inside a
+long-lived stream. A request goes to the member its routing picks (dvd.routing):
+cache-affine (default) sends it to the member that rendezvous hashing of its first image's
+content picks, unless that member is over its load bound, so a conversation that resends
+its images (every turn does) finds them in that member's encoder cache; least-loaded sends
+it to the member with the fewest images in flight (ties round robin).
+
+A request travels as a call on the member's EncodeSession stream (dvd.encode_session), or,
+when its bytes travel inside the stream (grpc), on an Encode RPC of its own. A request whose
+member fails with UNAVAILABLE (the process is gone, or restarted and forgot us) is retried
+once on another member, also when some of its features had arrived: none of them is used
+before the request is done. That member then sits out COOLDOWN_S while others are
+available. The transport's receiver (dvd.transport) prepares where the
+features land; its memory is released once the prompt has been assembled from them
+(EncodedImages.release).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
 import torch
 
 from dvd import vir_mode
+from dvd.discovery import Members, make_resolver, parse_targets
 from dvd.encode_session import CallFailed, EncodeCall, EncodeSession
 from dvd.errors import DvdError, InvalidInput, Unavailable
 from dvd.features import wire_dtype
 from dvd.grpc_options import CHANNEL_OPTIONS
+from dvd.routing import LeastLoaded, bounded_affinity
 from dvd.transport import FeatureReceiver, Reception
 from dvd.transport.base import RequestShape
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from dvd.vir_mode import VirMode
 from language_server.image_features import EncodedImages
+from language_server.metrics import LanguageMetrics
 
 log = logging.getLogger(__name__)
 
+CACHE_AFFINE = "cache-affine"
+LEAST_LOADED = "least-loaded"
+ROUTINGS = (CACHE_AFFINE, LEAST_LOADED)
+DEFAULT_RESOLVE_S = 5.0
+COOLDOWN_S = 5.0
+"""How long a member that failed UNAVAILABLE is passed over while others are available."""
+QUARANTINE_S = 30.0
+"""How long the memory of a request cut off halfway is held before it is reused."""
+
 
 class VisionServer:
+    """One member: a vision server process at one address."""
+
     def __init__(self, address: str) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -41,50 +67,99 @@ class VisionServer:
         self.session = EncodeSession(self.stub)  # every Encode call to it goes here
         self.images_in_flight = 0
         self.connection: str | None = None  # the transport's connection id, once attached
+        self.unavailable_until = 0.0
+        """time.monotonic() before which requests avoid it (it just failed UNAVAILABLE)."""
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.channel.close()
 
 
 class VisionPool:
     def __init__(
         self,
-        addresses: list[str],
+        targets: Sequence[str],
         dtype: torch.dtype,
         timeout_s: float,
         receiver: FeatureReceiver,
         max_rows_per_image: int,
         hidden: int,
+        *,
+        routing: str = CACHE_AFFINE,
+        resolve_s: float = DEFAULT_RESOLVE_S,
+        dns_server: str = "",
+        metrics: LanguageMetrics | None = None,
     ) -> None:
-        if not addresses:
-            raise ValueError("DvD mode needs at least one vision server address")
-        self.servers = [VisionServer(a) for a in addresses]
+        if routing not in ROUTINGS:
+            raise ValueError(f"vision_routing must be one of {ROUTINGS}, not {routing!r}")
         self.dtype = dtype
         self.timeout_s = timeout_s
         self.receiver = receiver
         self.image_capacity = max_rows_per_image * hidden * dtype.itemsize
         self.hidden = hidden
-        self._turn = itertools.count()
+        self.routing = routing
+        self.metrics = metrics or LanguageMetrics()
+        self.members = Members(
+            parse_targets(targets),
+            make_resolver(dns_server),
+            VisionServer,
+            lambda server: server.images_in_flight > 0,
+            self._close_member,
+            resolve_s,
+            "vision pool",
+        )
+        self._least_loaded = LeastLoaded()
+        self._started: asyncio.Task[None] | None = None
 
-    def _pick(self, exclude: VisionServer | None = None) -> VisionServer:
-        candidates = [s for s in self.servers if s is not exclude] or self.servers
-        start = next(self._turn) % len(candidates)
-        rotated = candidates[start:] + candidates[:start]
-        return min(rotated, key=lambda s: s.images_in_flight)
+    async def start(self) -> None:
+        """Resolves the targets and starts re-resolving; idempotent (encode calls it)."""
+        if self._started is None:
+            self._started = asyncio.create_task(self.members.start())
+        await asyncio.shield(self._started)
+
+    def member_addresses(self) -> list[str]:
+        return list(self.members.active)
+
+    @property
+    def servers(self) -> list[VisionServer]:
+        """The members new requests may go to."""
+        return list(self.members.active.values())
+
+    def _pick(self, key: bytes, exclude: VisionServer | None = None) -> VisionServer:
+        servers = self.servers
+        if not servers:
+            self.members.refresh_soon()
+            raise Unavailable("no vision server is known: the pool's names resolve to nothing")
+        candidates = [s for s in servers if s is not exclude] or servers
+        now = time.monotonic()
+        candidates = [s for s in candidates if s.unavailable_until <= now] or candidates
+        if self.routing == CACHE_AFFINE:
+            return bounded_affinity(
+                candidates, key, lambda s: s.address, lambda s: s.images_in_flight
+            )
+        return self._least_loaded.pick(candidates, lambda s: s.images_in_flight)
 
     async def encode(
         self, request_id: str, images: list[bytes], mode: VirMode | None = None
     ) -> EncodedImages:
+        await self.start()
         request = vision_pb2.EncodeRequest(
             request_id=request_id,
             images=[vision_pb2.ImageInput(data=d) for d in images],
             feature_dtype=wire_dtype(self.dtype),
             vir_mode=vir_mode.to_wire(mode),
         )
-        server = self._pick()
+        # The first image anchors a conversation: later turns resend it (and add more).
+        key = hashlib.blake2b(images[0] if images else b"", digest_size=16).digest()
+        server = self._pick(key)
         try:
             return await self._encode_on(server, request)
         except _RetryableError:
+            self.metrics.vision_calls.labels(server.address, "retried").inc()
+            self.members.refresh_soon()  # its pod may be gone or replaced
             # Another server if there is one; a lone server gets one more try (it may
             # have just restarted, and the retry connects afresh).
-            other = self._pick(exclude=server)
+            other = self._pick(key, exclude=server)
             log.warning(
                 "request %s: vision server %s unavailable, retrying on %s",
                 request_id,
@@ -94,6 +169,7 @@ class VisionPool:
             try:
                 return await self._encode_on(other, request)
             except _RetryableError:
+                self.metrics.vision_calls.labels(other.address, "retried").inc()
                 raise Unavailable("no vision server is available") from None
 
     async def _connection(self, server: VisionServer) -> str:
@@ -127,6 +203,8 @@ class VisionPool:
         if reception.destination is not None:
             request.destination.CopyFrom(reception.destination)
         server.images_in_flight += count
+        self.metrics.vision_in_flight.labels(server.address).set(server.images_in_flight)
+        self.metrics.vision_images.labels(server.address).inc(count)
         call: EncodeCall | None = None
         progress = _Progress()
         try:
@@ -134,22 +212,35 @@ class VisionPool:
                 call = await server.session.call(request, self.timeout_s)
                 encoded = await self._receive(call, server.address, reception, progress)
         except CallFailed as exc:
-            reception.release()
             restarted = exc.code in (
                 grpc.StatusCode.UNAVAILABLE,  # it is gone, or on its way back
                 grpc.StatusCode.FAILED_PRECONDITION,  # it came back and forgot our connection
             )
-            if restarted and not progress.started:
+            if restarted:
+                # Nothing of a request reaches the prompt before its `done`, so a request
+                # cut off halfway is as safe to send elsewhere as one that never started.
+                # Only the memory the lost server may still have been writing into (shm,
+                # rdma: a server cut off from us need not have stopped) waits a while
+                # before anyone else gets it.
+                if progress.started:
+                    self._quarantine(reception)
+                else:
+                    reception.release()
                 server.connection = None  # connect afresh before the next request
+                server.unavailable_until = time.monotonic() + COOLDOWN_S
                 raise _RetryableError() from None
+            reception.release()
+            self.metrics.vision_calls.labels(server.address, "error").inc()
             raise _from_call_error(exc, server.address) from None
         except TimeoutError:
+            self.metrics.vision_calls.labels(server.address, "error").inc()
             reception.release()
             raise DvdError(
                 f"vision server {server.address} did not finish within {self.timeout_s:.0f} s",
                 code=grpc.StatusCode.DEADLINE_EXCEEDED,
             ) from None
         except ValueError as exc:  # the transport refused what the server sent
+            self.metrics.vision_calls.labels(server.address, "error").inc()
             reception.release()
             raise DvdError(f"vision server {server.address} sent bad features: {exc}") from None
         except BaseException:
@@ -157,9 +248,13 @@ class VisionPool:
             raise
         finally:
             server.images_in_flight -= count
+            if server.address in self.members.active:
+                self.metrics.vision_in_flight.labels(server.address).set(server.images_in_flight)
             if call is not None:
                 call.cancel()  # no-op when finished; stops the encode when we gave up
         encoded.release = reception.release
+        server.unavailable_until = 0.0
+        self.metrics.vision_calls.labels(server.address, "ok").inc()
         return encoded
 
     async def _receive(
@@ -183,6 +278,8 @@ class VisionPool:
                 reception.on_chunk(message.chunk)
             elif kind == "done":
                 await reception.settle(self.timeout_s)
+                self.metrics.vision_tiles.labels(address).inc(message.done.num_tiles)
+                self.metrics.vision_cache_hits.labels(address).inc(message.done.images_from_cache)
                 timings = message.done.timings
                 return EncodedImages(
                     reception.features(),
@@ -196,21 +293,40 @@ class VisionPool:
         raise DvdError(f"vision server {address} ended the stream without finishing")
 
     async def healthy(self) -> list[tuple[str, bool]]:
-        results = []
-        for server in self.servers:
-            try:
-                reply = await server.stub.Health(common_pb2.HealthRequest(), timeout=2.0)
-                ok = reply.status == common_pb2.HealthResponse.STATUS_SERVING
-            except grpc.aio.AioRpcError:
-                ok = False
-            results.append((server.address, ok))
-        return results
+        """Every active member's Health, asked at once (a member gone from DNS is not
+        asked: it gets no new calls)."""
+        await self.start()
+        servers = self.servers
+        results = list(await asyncio.gather(*(_serving(s) for s in servers)))
+        self.metrics.healthy_vision_members.set(sum(results))
+        self.metrics.vision_members.labels("active").set(len(servers))
+        self.metrics.vision_members.labels("draining").set(len(self.members.draining))
+        if not all(results):
+            self.members.refresh_soon()
+        return [(s.address, ok) for s, ok in zip(servers, results, strict=True)]
+
+    def _quarantine(self, reception: Reception) -> None:
+        """Releases `reception` once a lost server can no longer be writing into it."""
+        delay = min(self.timeout_s, QUARANTINE_S)
+        asyncio.get_running_loop().call_later(delay, reception.release)
+
+    async def _close_member(self, server: VisionServer) -> None:
+        # An rdma connection (queue pair) to a departed member stays registered until the
+        # receiver closes: its memory is the receiver's one buffer, not per member.
+        await server.close()
+        self.metrics.forget_vision_member(server.address)
 
     async def close(self) -> None:
-        for server in self.servers:
-            await server.session.close()
-            await server.channel.close()
+        await self.members.stop()
         self.receiver.close()
+
+
+async def _serving(server: VisionServer) -> bool:
+    try:
+        reply = await server.stub.Health(common_pb2.HealthRequest(), timeout=2.0)
+    except grpc.aio.AioRpcError:
+        return False
+    return reply.status == common_pb2.HealthResponse.STATUS_SERVING
 
 
 class _Progress:

@@ -317,6 +317,7 @@ class VisionService(EncodeServicer):
             num_tiles=progress.tiles_done,
             num_tokens=progress.rows_sent,
             tiles_compressed=progress.tiles_compressed,
+            images_from_cache=sum(key is None for key in progress.cache_keys),
         )
 
     def _plan(self, index: int, tiled: ImageLayout, tokens: list[int]) -> vision_pb2.ImagePlan:
