@@ -7,6 +7,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from benchmarks.compare.cli import register as register_compare
+    from benchmarks.pool import register as register_pool
     from benchmarks.serve.cli import register as register_serve
     from benchmarks.transfer.cli import register as register_transfer
     from benchmarks.vir import register as register_vir
@@ -21,3 +22,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_transfer(tools)
     register_vir(tools)
     register_compare(tools)
+    register_pool(tools)

@@ -1,6 +1,6 @@
 """dvd.discovery and dvd.routing: members follow DNS, calls follow load and affinity.
 
-Names resolve through a real DNS server on loopback (tests/dns_server.py) whose records
+Names resolve through a real DNS server on loopback (benchmarks/dns_server.py) whose records
 the test changes, the way a headless Service's records change as pods come and go.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.dns_server import DnsServer
 from dvd.discovery import (
     DnsServerResolver,
     Members,
@@ -21,7 +22,6 @@ from dvd.discovery import (
     parse_targets,
 )
 from dvd.routing import LeastLoaded, bounded_affinity, rendezvous_order
-from tests.dns_server import DnsServer
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Two vision servers listen on the same port at 127.0.0.2 and 127.0.0.3, the way two pods sit
 behind a headless Service, and "vision.test" resolves to both through a real DNS server the
-test controls (tests/dns_server.py). Language servers are given only the name. What is
+test controls (benchmarks/dns_server.py). Language servers are given only the name. What is
 checked is what the issue asked: each member gets 40-60% of the tiles over grpc, shm and
 tcp (before, sessions pinned every tile on one); one killed under load fails no request
 and readiness stays 200 naming it; one that appears in DNS gets work within a re-resolve
@@ -25,10 +25,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from benchmarks.dns_server import DnsServer
 from benchmarks.systems import Running, free_port, launch
 from dvd.grpc_options import CHANNEL_OPTIONS
 from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
-from tests.dns_server import DnsServer
 from tests.images import png_bytes
 from tests.stack import chat_message, generate, http_status
 

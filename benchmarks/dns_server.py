@@ -1,9 +1,9 @@
-"""A real DNS server on loopback whose records a test changes while servers run.
+"""A real DNS server on loopback whose records a test or benchmark changes while servers run.
 
 It answers A queries over UDP from a name -> addresses table (dnspython builds and parses
 the messages), so a language server or gateway started with `--dns-server` resolves
 "vision.test" exactly as it would resolve a headless Service through cluster DNS: with
-real queries, and whatever the table says at that moment. Only loopback addresses.
+real queries, and whatever the table says at that moment. It binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
