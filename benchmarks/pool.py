@@ -79,6 +79,14 @@ def vision_tier(model: Path, count: int, work: Path, dns: Any) -> Iterator[int]:
         yield port
 
 
+def distinct_images(config: Any) -> int:
+    """How many different images the run's requests carry."""
+    from benchmarks.serve.workload import Workload
+
+    workload = Workload(config)
+    return len({image for i in range(config.num_requests) for image in workload.request(i).images})
+
+
 def run_policy(model: Path, policy: str, args: argparse.Namespace, work: Path, dns: Any) -> dict:
     from benchmarks.serve.config import BenchConfig, parse_image_sizes
     from benchmarks.serve.runner import run_benchmark
@@ -112,13 +120,16 @@ def run_policy(model: Path, policy: str, args: argparse.Namespace, work: Path, d
                 image_variants=args.image_variants,
                 output_tokens=args.output_tokens,
                 ignore_eos=True,
+                # Random, not cyclic: with a cycle of an even number of images, least-loaded's
+                # turn-taking sends each image back to the same member by accident.
+                image_order="random",
             )
             result = asyncio.run(run_benchmark(config)).summary.to_json()
             tiles = member_counters(metrics, "dvd_language_vision_member_tiles_total")
             images = member_counters(metrics, "dvd_language_vision_member_images_total")
             hits = member_counters(metrics, "dvd_language_vision_member_cache_hits_total")
     sent = sum(images.values())
-    repeats = sent - min(args.image_variants, sent)
+    repeats = sent - distinct_images(config)
     total_tiles = sum(tiles.values()) or 1
     return {
         "tile_share": {member: n / total_tiles for member, n in sorted(tiles.items())},

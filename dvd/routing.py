@@ -6,24 +6,27 @@ pool changes, and a member that joins or leaves moves only the keys it wins or w
 here is an image's content hash (vision: a repeated image finds the encoder cache that has
 it) or a conversation's leading messages (language: a next turn finds its KV prefix).
 
-Pure affinity would pile a hot key onto one member, so it is bounded ("consistent hashing
-with bounded loads", Mirrokni et al.): a member is skipped while its load is above
-(1 + epsilon) x the mean load after this call, rounded up; the key then goes to its next
-best member. With epsilon 0.25 no member carries more than 1.25x its share.
+Pure affinity would pile a hot key onto one member, so it is bounded by load: a member is
+passed over while it is `slack` or more calls ahead of the least loaded member, and the key
+goes to its next best member (the least loaded one always qualifies). The bound is additive,
+not a multiple of the mean load ("consistent hashing with bounded loads", Mirrokni et al.):
+with a few calls in flight on two members, a 1.25x bound spills a quarter of the repeats,
+and each spill costs a full ViT encode, while a few calls queued on one member mostly share
+its next ViT batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 M = TypeVar("M")
 
 LEAST_LOADED = "least-loaded"
-DEFAULT_EPSILON = 0.25
+DEFAULT_SLACK = 4
+"""How many calls a member may be ahead of the least loaded one and still get its keys."""
 
 
 class LeastLoaded:
@@ -54,15 +57,14 @@ def bounded_affinity(
     key: bytes,
     address: Callable[[M], str],
     load: Callable[[M], int],
-    epsilon: float = DEFAULT_EPSILON,
+    slack: int = DEFAULT_SLACK,
 ) -> M:
-    """The member `key` hashes to, unless that one is over the load bound."""
+    """The member `key` hashes to, unless that one is `slack` calls ahead of the least
+    loaded; then the next in the key's order that is not."""
     if not members:
         raise ValueError("no member to pick from")
-    total = sum(load(m) for m in members) + 1  # this call included
-    bound = math.ceil((1 + epsilon) * total / len(members))
+    if slack < 1:
+        raise ValueError(f"slack must be at least 1, not {slack}")
+    bound = min(load(m) for m in members) + slack
     order = rendezvous_order(key, [address(m) for m in members])
-    for index in order:
-        if load(members[index]) < bound:
-            return members[index]
-    return members[order[0]]  # unreachable: some member is at or below the mean
+    return next(members[i] for i in order if load(members[i]) < bound)

@@ -156,15 +156,25 @@ def test_rendezvous_keeps_keys_where_they_were_when_members_change() -> None:
     assert all(after[k] == "d:1" for k in moved)  # only keys the newcomer wins move
 
 
-def test_bounded_affinity_follows_the_key_until_its_member_is_overloaded() -> None:
-    members = [Member("a:1"), Member("b:1")]
-    key = b"hot image"
-    home = bounded_affinity(members, key, lambda m: m.address, lambda m: m.calls)
-    other = next(m for m in members if m is not home)
-    assert bounded_affinity(members, key, lambda m: m.address, lambda m: m.calls) is home
-    home.calls, other.calls = 2, 1
-    # bound = ceil(1.25 * 4 / 2) = 3: home (2) still takes it
-    assert bounded_affinity(members, key, lambda m: m.address, lambda m: m.calls) is home
-    home.calls, other.calls = 4, 0
-    # bound = ceil(1.25 * 5 / 2) = 4: home is full, the key spills to the other member
-    assert bounded_affinity(members, key, lambda m: m.address, lambda m: m.calls) is other
+def test_bounded_affinity_follows_the_key_until_its_member_is_too_far_ahead() -> None:
+    members = [Member("a:1"), Member("b:1"), Member("c:1")]
+
+    def pick(slack: int = 4) -> Member:
+        return bounded_affinity(
+            members, b"hot image", lambda m: m.address, lambda m: m.calls, slack
+        )
+
+    home = pick()
+    others = [m for m in members if m is not home]
+    assert pick() is home
+    home.calls = 3  # three ahead of the idle ones: still its key's member
+    assert pick() is home
+    home.calls = 4  # four ahead: the key goes to its next member in rendezvous order
+    runner_up = pick()
+    assert runner_up in others
+    runner_up.calls = 4
+    assert pick() not in (home, runner_up)
+    others[0].calls = others[1].calls = 2  # the least loaded now carry 2: home is 2 ahead
+    assert pick() is home
+    with pytest.raises(ValueError, match="slack"):
+        pick(slack=0)
