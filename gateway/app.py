@@ -106,8 +106,7 @@ def _add_routes(app: FastAPI) -> None:
         if serving:
             return JSONResponse(body)
         failed = [f"{h.address} ({h.detail})" for h in results if not h.draining]
-        found = "; ".join(failed) or (", ".join(map(str, pool.targets)) + " resolved to no address")
-        message = "no language server is serving: " + found
+        message = "no language server is serving: " + ("; ".join(failed) or pool.none_found)
         body |= error_body(503, message, code="backend_unavailable")
         return JSONResponse(body, status_code=503)
 

@@ -137,6 +137,11 @@ class BackendPool:
     def refresh_soon(self) -> None:
         self._members.refresh_soon()
 
+    @property
+    def none_found(self) -> str:
+        """What to say while the targets resolve to no member (a name with no pods yet)."""
+        return ", ".join(map(str, self.targets)) + " resolved to no address"
+
     def pick(
         self, exclude: frozenset[str] | set[str] = frozenset(), key: bytes | None = None
     ) -> Backend:
@@ -144,11 +149,8 @@ class BackendPool:
         is): by `key`'s affinity bounded by load when given, else the least loaded."""
         members = self.backends
         if not members:
-            raise ApiError(
-                503,
-                "no language server: " + ", ".join(map(str, self.targets)) + " resolved to none",
-                code="backend_unavailable",
-            )
+            message = f"no language server: {self.none_found}"
+            raise ApiError(503, message, code="backend_unavailable")
         candidates = [b for b in members if b.address not in exclude] or members
         now = time.monotonic()
         candidates = [b for b in candidates if b.unavailable_until <= now] or candidates
@@ -222,7 +224,7 @@ class BackendPool:
             except grpc.aio.AioRpcError as error:
                 problems.append(f"{backend.address}: {error.code().name} {error.details()}")
         if not problems:
-            problems.append(", ".join(map(str, self.targets)) + " resolved to no address")
+            problems.append(self.none_found)
         raise ApiError(
             503,
             "no language server answered Info: " + "; ".join(problems),
