@@ -7,8 +7,9 @@ probes cannot ask them), and the gateway answers GET /ready and /health.
 
     dvd-healthcheck vision              # ready: Health says STATUS_SERVING
     dvd-healthcheck language --live     # alive: Health answers at all (a language server
-                                        # whose vision servers are down is alive, not ready)
-    dvd-healthcheck gateway             # ready: GET /ready is 200 (/health with --live)
+                                        # whose vision servers are all down is alive, not ready)
+    dvd-healthcheck gateway             # ready: GET /ready is 200, i.e. at least one
+                                        # language server is serving (/health with --live)
     dvd-healthcheck                     # the role and port of the dvd process found in /proc
 
 The port is the one the server itself reads: --port, else DVD_<ROLE>_PORT, else the CLI's

@@ -8,6 +8,11 @@ is reported with its exit code and the rest are stopped.
 `--vision-replicas N` starts N vision servers on consecutive ports from --vision-port, one
 per GPU on a GPU host (or per device listed in --vision-device), one per share of
 --vision-cpus on a CPU host; the language server balances over all of them (one pool).
+
+Every process serves Prometheus metrics (`--vision-metrics-port`, `--language-metrics-port`,
+free ports by default, logged at start), and the gateway's /metrics appends the vision and
+language series (`dvd gateway --scrape-metrics`), so one scrape of the gateway sees the
+whole stack.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,6 +79,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "round robin, on a GPU host), cpu, cuda:N, or a comma-separated list, one per replica",
     )
     add_flag(parser, COMMAND, "--language-port", 50061, "language server gRPC port (on 127.0.0.1)")
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision-metrics-port",
+        0,
+        "vision server Prometheus port (on 127.0.0.1); replica i uses this port + i; 0: free "
+        "ports, logged at start (the gateway's /metrics shows these series too)",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--language-metrics-port",
+        0,
+        "language server Prometheus port (on 127.0.0.1); 0: a free port, logged at start",
+    )
     add_flag(
         parser,
         COMMAND,
@@ -179,16 +200,50 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 now (held open together, so no repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def metrics_ports(args: argparse.Namespace) -> tuple[list[int], int]:
+    """The metrics port of each vision server (none when coupled) and of the language
+    server: the flags' ports, or free ones where a flag is 0."""
+    replicas = 0 if args.coupled else args.vision_replicas
+    free = iter(free_ports(replicas * (not args.vision_metrics_port) + 1))
+    if args.vision_metrics_port:
+        vision = [args.vision_metrics_port + i for i in range(replicas)]
+    else:
+        vision = [next(free) for _ in range(replicas)]
+    language = args.language_metrics_port or next(free)
+    if language in vision:
+        raise ValueError(f"language_metrics_port: {language} is a vision server's metrics port")
+    return vision, language
+
+
+def metrics_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/metrics"
+
+
 def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]]]:
     dvd = [sys.executable, "-m", "dvd"]
     common = ["--model", str(model), "--dtype", args.dtype, "--log-level", args.log_level]
     vision_ports = [args.vision_port + i for i in range(args.vision_replicas)]
+    vision_metrics, language_metrics = metrics_ports(args)
     language = [
         *dvd,
         "language",
         *common,
         "--port",
         str(args.language_port),
+        "--metrics-port",
+        str(language_metrics),
         "--max-model-len",
         str(args.max_model_len),
         *engine_arguments(args),
@@ -209,6 +264,8 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
         str(args.port),
         "--language",
         f"127.0.0.1:{args.language_port}",
+        "--scrape-metrics",
+        ",".join(metrics_url(port) for port in [*vision_metrics, language_metrics]),
         "--log-level",
         args.log_level,
     ]
@@ -218,8 +275,11 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
         names = vision_names(args.vision_replicas)
         devices = vision_devices(args.vision_device, args.vision_replicas)
         visions = []
-        for name, port, device in zip(names, vision_ports, devices, strict=True):
+        for name, port, device, metrics in zip(
+            names, vision_ports, devices, vision_metrics, strict=True
+        ):
             argv = [*dvd, "vision", *common, "--port", str(port), "--transport", accepted]
+            argv += ["--metrics-port", str(metrics)]
             if device != "auto":
                 argv += ["--device", device]
             visions.append((name, argv))
@@ -329,7 +389,8 @@ def supervise(children: list[Child], ready_url: str, ready_timeout_s: float) -> 
         if not announced:
             if gateway_ready(ready_url):
                 announced = True
-                log.info("dvd-serve is ready: %s", ready_url.rsplit("/", 1)[0] + "/v1")
+                base = ready_url.rsplit("/", 1)[0]
+                log.info("dvd-serve is ready: %s (metrics of all: %s/metrics)", base + "/v1", base)
             elif time.monotonic() > deadline:
                 log.error("the stack was not ready after %.0f s", ready_timeout_s)
                 return 1
@@ -364,6 +425,10 @@ def run(args: argparse.Namespace) -> int:
         pinning["language"] = parse_cpus(args.language_cpus)
         procs = commands(args, model)
         check_language(dict(procs)["language"])
+        for name, argv in procs:
+            if name != "gateway":
+                port = int(argv[argv.index("--metrics-port") + 1])
+                log.info("%s metrics: %s", name, metrics_url(port))
         for name, argv in procs:
             children.append(start(name, argv, pinning.get(name)))
         code = supervise(children, f"http://{args.host}:{args.port}/ready", args.ready_timeout_s)

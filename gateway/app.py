@@ -1,8 +1,13 @@
 """The gateway's FastAPI app: routes, middleware, and the state its lifespan owns.
 
-`create_app(config)` builds the app; its lifespan opens the language-server pool, the
-metrics registry and (when remote images are allowed) an HTTP client, and stores them on
+`create_app(config)` builds the app; its lifespan opens the metrics registry, the
+language-server pool, (when remote images are allowed) an HTTP client for images and (when
+other processes' metrics are appended) one for scraping them, and stores them on
 `app.state`. Nothing lives in module globals.
+
+/health is liveness (the process answers); /ready is readiness, "can serve": at least one
+language server answers Health SERVING. A degraded member is listed in /ready's body, not
+fatal, since the pool routes around it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from gateway.errors import error_body, install_handlers
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import CHAT_PATH, AccessMiddleware, BodyLimitMiddleware
 from gateway.protocol import ChatCompletion, ErrorResponse, ModelCard, ModelList
+from gateway.scrape import fetch_all, merge
 from gateway.serving import create_chat_completion, served_model
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -36,15 +42,19 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.pool = BackendPool.connect(config.language_addresses)
         app.state.metrics = GatewayMetrics()
+        app.state.pool = BackendPool.from_config(config, app.state.metrics)
         app.state.http = _image_client(config)
+        # Loopback URLs of this stack's own processes: no proxy from the environment.
+        app.state.scraper = httpx.AsyncClient(trust_env=False) if config.scrape_metrics else None
         try:
+            await app.state.pool.start()
             yield
         finally:
             await app.state.pool.close()
-            if app.state.http is not None:
-                await app.state.http.aclose()
+            for client in (app.state.http, app.state.scraper):
+                if client is not None:
+                    await client.aclose()
 
     app = FastAPI(title="dvd-serve gateway", version=__version__, lifespan=lifespan)
     app.state.config = config
@@ -83,22 +93,32 @@ def _add_routes(app: FastAPI) -> None:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="Readiness: 200 only when every language server is SERVING")
+    @app.get("/ready", summary="Readiness: 200 when at least one language server is SERVING")
     async def ready(request: Request) -> JSONResponse:
-        state = request.app.state
-        results = await state.pool.health(state.config.health_timeout_s)
+        pool: BackendPool = request.app.state.pool
+        results = await pool.health()
+        serving = [h for h in results if h.serving and not h.draining]
         body: dict[str, Any] = {
-            "ready": all(h.serving for h in results),
-            "backends": [asdict(h) for h in results],
+            "ready": bool(serving),
+            "serving": len(serving),
+            "members": [asdict(h) for h in results],
         }
-        failed = [f"{h.address} ({h.detail})" for h in results if not h.serving]
-        if not failed:
+        if serving:
             return JSONResponse(body)
-        message = "language servers not serving: " + "; ".join(failed)
+        failed = [f"{h.address} ({h.detail})" for h in results if not h.draining]
+        message = "no language server is serving: " + ("; ".join(failed) or pool.none_found)
         body |= error_body(503, message, code="backend_unavailable")
         return JSONResponse(body, status_code=503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics (and those of --scrape-metrics URLs)")
     async def metrics(request: Request) -> Response:
-        registry: GatewayMetrics = request.app.state.metrics
-        return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
+        state = request.app.state
+        registry: GatewayMetrics = state.metrics
+        config: GatewayConfig = state.config
+        if state.scraper is None:
+            return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
+        sources = await fetch_all(
+            state.scraper, config.scrape_metrics, config.scrape_timeout_s, registry
+        )
+        # Rendered after fetching, so dvd_gateway_scrape_up describes this very scrape.
+        return Response(merge(registry.render(), sources), media_type=CONTENT_TYPE_LATEST)

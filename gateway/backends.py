@@ -1,10 +1,24 @@
-"""The language servers the gateway calls: a pool of gRPC channels.
+"""The language servers the gateway calls: a pool of members, one per server process.
 
-Routing: the backend with the fewest outstanding Generate calls; ties go round robin. A
-backend that just answered UNAVAILABLE sits out for COOLDOWN_S unless every backend does.
+Members: `--language` names addresses and DNS names (a Kubernetes headless Service). Every
+address a name resolves to is a member with its own channel and load count
+(dvd.discovery.Members), re-resolved every `resolve_s` and at once when a call to a member
+fails, so pods that join get calls within one period and pods that leave are drained. One
+channel to "the name" would stay on whichever pod it reached first.
+
+Routing, per call: the member with the fewest outstanding Generate calls (ties round
+robin), or with `prefix-affine` the member that the conversation's leading messages hash to
+(gateway.affinity), unless it carries more than its share of the load (dvd.routing), so a
+next turn finds its KV prefix in that server's cache. Members that just answered
+UNAVAILABLE (for COOLDOWN_S), or whose last Health was not SERVING, are passed over unless
+every member is.
+
 Retries: a Generate call that fails with UNAVAILABLE before its first message is tried on a
-backend not yet tried (each backend once). Once a message has arrived, nothing is retried:
+member not yet tried (each member once). Once a message has arrived, nothing is retried:
 the client may already have seen tokens.
+
+Health: every `resolve_s` (and on each /ready) the pool asks every member's Health; the
+gateway can serve while at least one member is SERVING.
 """
 
 from __future__ import annotations
@@ -13,29 +27,39 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
+from dvd.discovery import Members, Resolver, Target, make_resolver, parse_targets
 from dvd.grpc_options import CHANNEL_OPTIONS
+from dvd.routing import LEAST_LOADED, LeastLoaded, bounded_affinity
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from gateway.affinity import conversation_key
+from gateway.config import PREFIX_AFFINE, GatewayConfig
 from gateway.errors import ApiError
+from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("dvd.gateway")
 
 INFO_TIMEOUT_S = 5.0
 COOLDOWN_S = 5.0
-"""How long a backend that answered UNAVAILABLE is passed over when others are available."""
+"""How long a member that answered UNAVAILABLE is passed over when others are available."""
+TIER = "language"
 
 
 @dataclass
 class Backend:
+    """One language server process: its channel and what routing knows of it."""
+
     address: str
     channel: grpc.aio.Channel
     stub: language_pb2_grpc.LanguageServiceStub
     outstanding: int = 0
     unavailable_until: float = 0.0
-    """time.monotonic() before which routing avoids this backend."""
+    """time.monotonic() before which routing avoids this member."""
+    serving: bool | None = None
+    """Its last Health answer (None before the first): routing avoids a degraded member."""
 
 
 @dataclass(frozen=True)
@@ -43,39 +67,97 @@ class BackendHealth:
     address: str
     serving: bool
     detail: str = ""
+    draining: bool = False
+    """Gone from DNS: it finishes its calls and gets no new ones."""
 
 
-@dataclass
 class BackendPool:
-    """Channels to every language server; create inside the running event loop."""
+    """The language-server members; create inside the running event loop, then `start()`."""
 
-    backends: list[Backend]
-    _next: int = 0
-    _info: language_pb2.LanguageInfo | None = field(default=None, repr=False)
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        resolver: Resolver,
+        *,
+        resolve_s: float = 5.0,
+        routing: str = LEAST_LOADED,
+        health_timeout_s: float = 2.0,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.targets = list(targets)
+        self.routing = routing
+        self.health_timeout_s = health_timeout_s
+        self._metrics = metrics
+        self._least_loaded = LeastLoaded()
+        self._members: Members[Backend] = Members(
+            targets,
+            resolver,
+            make=_connect,
+            busy=lambda backend: backend.outstanding > 0,
+            close=self._disconnect,
+            period_s=resolve_s,
+            what="language pool",
+        )
+        self._info: language_pb2.LanguageInfo | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     @classmethod
-    def connect(cls, addresses: Sequence[str]) -> BackendPool:
-        backends = []
-        for address in addresses:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            backends.append(
-                Backend(address, channel, language_pb2_grpc.LanguageServiceStub(channel))
-            )
-        return cls(backends)
+    def from_config(
+        cls, config: GatewayConfig, metrics: GatewayMetrics | None = None
+    ) -> BackendPool:
+        return cls(
+            parse_targets(config.language_addresses),
+            make_resolver(config.dns_server),
+            resolve_s=config.language_resolve_s,
+            routing=config.language_routing,
+            health_timeout_s=config.health_timeout_s,
+            metrics=metrics,
+        )
+
+    async def start(self) -> None:
+        """Resolves the targets, then keeps members and their health up to date."""
+        await self._members.start()
+        self._watch = asyncio.create_task(self._watch_health(), name="language-health")
 
     async def close(self) -> None:
-        await asyncio.gather(*(backend.channel.close() for backend in self.backends))
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        await self._members.stop()
 
-    def pick(self, exclude: frozenset[str] | set[str] = frozenset()) -> Backend:
-        """Least outstanding calls among backends not in `exclude` and not cooling down;
-        ties round robin."""
-        count = len(self.backends)
-        rotated = [self.backends[(self._next + i) % count] for i in range(count)]
-        self._next = (self._next + 1) % count
-        candidates = [b for b in rotated if b.address not in exclude] or rotated
+    @property
+    def backends(self) -> list[Backend]:
+        """The members new calls may go to, in a stable order."""
+        return list(self._members.active.values())
+
+    @property
+    def draining(self) -> list[Backend]:
+        return list(self._members.draining.values())
+
+    def refresh_soon(self) -> None:
+        self._members.refresh_soon()
+
+    @property
+    def none_found(self) -> str:
+        """What to say while the targets resolve to no member (a name with no pods yet)."""
+        return ", ".join(map(str, self.targets)) + " resolved to no address"
+
+    def pick(
+        self, exclude: frozenset[str] | set[str] = frozenset(), key: bytes | None = None
+    ) -> Backend:
+        """The member for the next call among those not in `exclude` (all, if every member
+        is): by `key`'s affinity bounded by load when given, else the least loaded."""
+        members = self.backends
+        if not members:
+            message = f"no language server: {self.none_found}"
+            raise ApiError(503, message, code="backend_unavailable")
+        candidates = [b for b in members if b.address not in exclude] or members
         now = time.monotonic()
         candidates = [b for b in candidates if b.unavailable_until <= now] or candidates
-        return min(candidates, key=lambda backend: backend.outstanding)
+        candidates = [b for b in candidates if b.serving is not False] or candidates
+        if key is not None:
+            return bounded_affinity(candidates, key, _address, _load)
+        return self._least_loaded.pick(candidates, _load)
 
     async def generate(
         self,
@@ -86,13 +168,14 @@ class BackendPool:
         on_backend: Callable[[str], None] | None = None,
     ) -> AsyncGenerator[language_pb2.GenerateResponse, None]:
         """Messages of one Generate call. Closing the iterator cancels the call."""
+        key = conversation_key(request) if self.routing == PREFIX_AFFINE else None
         tried: set[str] = set()
         while True:
-            backend = self.pick(tried)
+            backend = self.pick(tried, key)
             tried.add(backend.address)
             if on_backend is not None:
                 on_backend(backend.address)
-            backend.outstanding += 1
+            self._count(backend, +1)
             call = backend.stub.Generate(request, timeout=timeout_s, metadata=tuple(metadata))
             try:
                 try:
@@ -101,7 +184,8 @@ class BackendPool:
                     if error.code() != grpc.StatusCode.UNAVAILABLE:
                         raise
                     backend.unavailable_until = time.monotonic() + COOLDOWN_S
-                    if len(tried) < len(self.backends):
+                    self.refresh_soon()  # its pod may be gone or replaced
+                    if any(b.address not in tried for b in self.backends):
                         logger.warning(
                             "request %s: %s unavailable (%s); trying another language server",
                             request.request_id,
@@ -117,10 +201,17 @@ class BackendPool:
                 return
             finally:
                 call.cancel()  # a no-op once the call has finished
-                backend.outstanding -= 1
+                self._count(backend, -1)
+
+    def _count(self, backend: Backend, change: int) -> None:
+        backend.outstanding += change
+        if self._metrics is not None:
+            if change > 0:
+                self._metrics.member_calls.labels(backend.address).inc()
+            self._metrics.member_outstanding.labels(backend.address).set(backend.outstanding)
 
     async def info(self) -> language_pb2.LanguageInfo:
-        """The served model's Info from the first backend that answers; cached."""
+        """The served model's Info from the first member that answers; cached."""
         if self._info is not None:
             return self._info
         problems = []
@@ -132,6 +223,8 @@ class BackendPool:
                 return self._info
             except grpc.aio.AioRpcError as error:
                 problems.append(f"{backend.address}: {error.code().name} {error.details()}")
+        if not problems:
+            problems.append(self.none_found)
         raise ApiError(
             503,
             "no language server answered Info: " + "; ".join(problems),
@@ -142,16 +235,55 @@ class BackendPool:
     def cached_info(self) -> language_pb2.LanguageInfo | None:
         return self._info
 
-    async def health(self, timeout_s: float) -> list[BackendHealth]:
-        """Every backend's Health, asked at once."""
-        return list(await asyncio.gather(*(_health(b, timeout_s) for b in self.backends)))
+    async def health(self, timeout_s: float | None = None) -> list[BackendHealth]:
+        """Every member's Health, asked at once (draining members too, marked so); remembers
+        each active member's answer for routing and the healthy-members gauge."""
+        timeout = self.health_timeout_s if timeout_s is None else timeout_s
+        active, draining = self.backends, self.draining
+        results = await asyncio.gather(
+            *(_health(b, timeout, False) for b in active),
+            *(_health(b, timeout, True) for b in draining),
+        )
+        for backend, result in zip(active, results[: len(active)], strict=True):
+            backend.serving = result.serving
+        if self._metrics is not None:
+            healthy = sum(1 for b in self.backends if b.serving)
+            self._metrics.healthy_members.labels(TIER).set(healthy)
+        return list(results)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self._members.period_s)
+            try:
+                await self.health()
+            except Exception:  # never let the watch die silently: log, try next period
+                logger.exception("language pool: asking Health failed")
+
+    async def _disconnect(self, backend: Backend) -> None:
+        await backend.channel.close()
+        if self._metrics is not None:
+            self._metrics.member_left(backend.address)
 
 
-async def _health(backend: Backend, timeout_s: float) -> BackendHealth:
+def _connect(address: str) -> Backend:
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return Backend(address, channel, language_pb2_grpc.LanguageServiceStub(channel))
+
+
+def _address(backend: Backend) -> str:
+    return backend.address
+
+
+def _load(backend: Backend) -> int:
+    return backend.outstanding
+
+
+async def _health(backend: Backend, timeout_s: float, draining: bool) -> BackendHealth:
     try:
         reply = await backend.stub.Health(common_pb2.HealthRequest(), timeout=timeout_s)
     except grpc.aio.AioRpcError as error:
-        return BackendHealth(backend.address, False, f"{error.code().name}: {error.details()}")
+        detail = f"{error.code().name}: {error.details()}"
+        return BackendHealth(backend.address, False, detail, draining)
     serving = reply.status == common_pb2.HealthResponse.STATUS_SERVING
     status_name = common_pb2.HealthResponse.Status.Name(reply.status)
-    return BackendHealth(backend.address, serving, reply.detail or status_name)
+    return BackendHealth(backend.address, serving, reply.detail or status_name, draining)

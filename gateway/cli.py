@@ -12,6 +12,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from dvd.flags import add_flag
+from dvd.routing import LEAST_LOADED
+from gateway.config import ROUTINGS
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -45,8 +47,9 @@ def register(subparsers: Any) -> None:
         help="serve the OpenAI-compatible HTTP API in front of language servers",
         description=(
             "Serves POST /v1/chat/completions (JSON or SSE), GET /v1/models, /health, /ready "
-            "and /metrics, and forwards each chat request to the language server with the "
-            "fewest requests in flight over gRPC."
+            "and /metrics, and forwards each chat request over gRPC to a language server: "
+            "the one with the fewest requests in flight, or the one the conversation's "
+            "leading messages hash to (--language-routing prefix-affine)."
         ),
     )
     flag = functools.partial(add_flag, parser, COMMAND)
@@ -55,10 +58,37 @@ def register(subparsers: Any) -> None:
     flag(
         "--language",
         "127.0.0.1:50061",
-        "language server address host:port; repeat the flag or separate with commas for "
-        "several (requests go to the least busy one)",
+        "language servers: host:port, [v6]:port or dns:///name:port, where a name (e.g. a "
+        "headless Service) stands for every address it resolves to, one member each; repeat "
+        "the flag or separate with commas for several",
         action=_Addresses,
         metavar="ADDR",
+    )
+    flag(
+        "--language-resolve-s",
+        5.0,
+        "how often names in --language are re-resolved, in seconds (also at once when a "
+        "member fails)",
+    )
+    flag(
+        "--dns-server",
+        "",
+        "DNS server (ip:port) that resolves --language names; empty: the system resolver",
+    )
+    flag(
+        "--language-routing",
+        LEAST_LOADED,
+        "which language server gets a request: least-loaded (fewest in flight), or "
+        "prefix-affine (the one the conversation's first messages hash to, bounded by load, "
+        "so a next turn finds its KV prefix cached)",
+        choices=list(ROUTINGS),
+    )
+    flag(
+        "--scrape-metrics",
+        "",
+        "other processes' /metrics URLs, comma-separated, whose series /metrics appends "
+        "(labelled source=host:port); dvd up passes its vision and language servers'",
+        metavar="URL[,URL...]",
     )
     flag(
         "--served-model-name",
@@ -125,6 +155,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         allow_remote_images=args.allow_remote_images,
         remote_image_timeout_s=args.remote_image_timeout_s,
         health_timeout_s=args.health_timeout_s,
+        language_resolve_s=args.language_resolve_s,
+        dns_server=args.dns_server,
+        language_routing=args.language_routing,
+        scrape_metrics=tuple(split_addresses(args.scrape_metrics)),
         log_level=args.log_level,
     )
 

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dvd.discovery import parse_target
+from dvd.routing import LEAST_LOADED
+
 MIB = 1024 * 1024
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+PREFIX_AFFINE = "prefix-affine"
+ROUTINGS = (LEAST_LOADED, PREFIX_AFFINE)
+"""How a call picks its language server: the least busy one, or the one the conversation's
+leading messages hash to (bounded by load), where its KV prefix is likely cached."""
 
 
 @dataclass(frozen=True)
@@ -16,7 +23,19 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     language_addresses: tuple[str, ...] = ("127.0.0.1:50061",)
-    """Language servers (host:port) that requests are spread over."""
+    """Language servers that requests are spread over: `host:port`, `[v6]:port` or
+    `dns:///name:port`; a name stands for every address it resolves to (one member each)."""
+    language_resolve_s: float = 5.0
+    """How often names in language_addresses are re-resolved (pods come and go)."""
+    dns_server: str = ""
+    """DNS server (ip:port) that resolves those names; empty: the system resolver."""
+    language_routing: str = LEAST_LOADED
+    """One of ROUTINGS."""
+    scrape_metrics: tuple[str, ...] = ()
+    """Other processes' /metrics URLs whose series the gateway's /metrics appends (`dvd up`
+    passes its vision and language servers', so one scrape sees the whole stack)."""
+    scrape_timeout_s: float = 1.0
+    """How long /metrics waits for each of those; a late one is left out of that scrape."""
     served_model_name: str | None = None
     """Model name clients must ask for; None asks the language servers' Info."""
     max_image_bytes: int = 20 * MIB
@@ -45,7 +64,28 @@ class GatewayConfig:
         if not self.language_addresses:
             raise ValueError("language_addresses: at least one language server is needed")
         for address in self.language_addresses:
-            _check_address(address)
+            try:
+                parse_target(address)
+            except ValueError as error:
+                raise ValueError(f"language_addresses: {error}") from None
+        if self.dns_server:
+            try:
+                dns_target = parse_target(self.dns_server)
+            except ValueError as error:
+                raise ValueError(f"dns_server: {error}") from None
+            if not dns_target.is_address:
+                raise ValueError(f"dns_server: {self.dns_server!r} is not an IP address and port")
+        if self.language_routing not in ROUTINGS:
+            raise ValueError(
+                f"language_routing: {self.language_routing!r} is not one of {', '.join(ROUTINGS)}"
+            )
+        scrape = self.scrape_metrics
+        if isinstance(scrape, str):
+            scrape = split_addresses(scrape)
+        object.__setattr__(self, "scrape_metrics", tuple(scrape))
+        for url in self.scrape_metrics:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"scrape_metrics: {url!r} is not an http(s) URL")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not in 0..65535")
         if self.served_model_name is not None and not self.served_model_name.strip():
@@ -62,7 +102,13 @@ class GatewayConfig:
             raise ValueError(
                 f"max_tokens_limit: must be at least 1 or None, got {self.max_tokens_limit}"
             )
-        for name in ("request_timeout_s", "remote_image_timeout_s", "health_timeout_s"):
+        for name in (
+            "request_timeout_s",
+            "remote_image_timeout_s",
+            "health_timeout_s",
+            "language_resolve_s",
+            "scrape_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.log_level.lower() not in LOG_LEVELS:
@@ -72,11 +118,3 @@ class GatewayConfig:
 def split_addresses(text: str) -> list[str]:
     """`"a:1, b:2"` -> `["a:1", "b:2"]`."""
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _check_address(address: str) -> None:
-    if address.startswith("unix:"):
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"language_addresses: {address!r} is not host:port")

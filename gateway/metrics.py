@@ -6,6 +6,7 @@ when the request ends, `GatewayMetrics.finish` observes it once.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -122,6 +123,30 @@ class GatewayMetrics:
         self.completion_tokens = Counter(
             "dvd_gateway_completion_tokens_total", "Generated tokens.", registry=r
         )
+        self.member_calls = Counter(
+            "dvd_gateway_member_calls_total",
+            "Generate calls sent to each language server (retries count on each member tried).",
+            ["member"],
+            registry=r,
+        )
+        self.member_outstanding = Gauge(
+            "dvd_gateway_member_outstanding",
+            "Generate calls in progress on each language server: the load routing compares.",
+            ["member"],
+            registry=r,
+        )
+        self.healthy_members = Gauge(
+            "dvd_gateway_healthy_members",
+            "Pool members whose last Health answer was SERVING, per tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.scrape_up = Gauge(
+            "dvd_gateway_scrape_up",
+            "1 when the last /metrics scrape of a --scrape-metrics URL answered, else 0.",
+            ["source"],
+            registry=r,
+        )
 
     def finish(self, record: RequestRecord, status: int, seconds: float) -> None:
         """Observes one finished chat completion request."""
@@ -137,6 +162,12 @@ class GatewayMetrics:
         self.prompt_tokens.inc(record.prompt_tokens)
         self.image_tokens.inc(record.image_tokens)
         self.completion_tokens.inc(record.completion_tokens)
+
+    def member_left(self, address: str) -> None:
+        """Drops a departed member's series, so dashboards do not show it forever."""
+        for metric in (self.member_calls, self.member_outstanding):
+            with contextlib.suppress(KeyError):  # it never got a call
+                metric.remove(address)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

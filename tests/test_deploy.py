@@ -933,6 +933,9 @@ DASHBOARD_METRICS = {
     "dvd_gateway_prompt_tokens_total",
     "dvd_gateway_image_tokens_total",
     "dvd_gateway_completion_tokens_total",
+    "dvd_gateway_member_calls_total",
+    "dvd_gateway_member_outstanding",
+    "dvd_gateway_healthy_members",
     "dvd_vision_requests_total",
     "dvd_vision_images_total",
     "dvd_vision_tiles_total",
@@ -948,6 +951,11 @@ DASHBOARD_METRICS = {
     "dvd_language_image_tokens_total",
     "dvd_language_completion_tokens_total",
     "dvd_language_stage_seconds",
+    "dvd_language_vision_member_calls_total",
+    "dvd_language_vision_member_tiles_total",
+    "dvd_language_vision_member_cache_hits_total",
+    "dvd_language_vision_member_in_flight",
+    "dvd_language_healthy_vision_members",
 }
 """Metric families the dashboard must show (histograms by their base name)."""
 

@@ -25,9 +25,10 @@ import uvicorn
 from PIL import Image
 
 from benchmarks.systems import free_port
+from dvd.discovery import make_resolver, parse_target
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from gateway.app import create_app
-from gateway.backends import Backend, BackendPool
+from gateway.backends import BackendPool
 from gateway.config import GatewayConfig
 from gateway.convert import ModelLimits, to_generate_request
 from gateway.errors import ApiError
@@ -279,8 +280,8 @@ def test_health_ready_metrics_without_backend(no_backend: str, dead_address: str
         body = ready.json()
         assert body["ready"] is False
         assert dead_address in body["error"]["message"]
-        assert body["backends"][0]["address"] == dead_address
-        assert body["backends"][0]["serving"] is False
+        assert body["members"][0]["address"] == dead_address
+        assert body["members"][0]["serving"] is False
         metrics = client.get("/metrics")
         assert metrics.status_code == 200
         for name in (
@@ -315,8 +316,11 @@ def test_models_and_ready_from_backend(with_backend: str, dead_address: str) -> 
     assert models["data"][0]["id"] == MODEL
     assert models["data"][0]["max_model_len"] == 4096
     ready = httpx.get(f"{with_backend}/ready", timeout=10)
-    assert ready.status_code == 503  # one of the two backends is dead
-    assert dead_address in ready.json()["error"]["message"]
+    assert ready.status_code == 200, ready.text  # one member serving is enough to serve
+    members = {m["address"]: m for m in ready.json()["members"]}
+    assert members[dead_address]["serving"] is False  # the dead one is listed, not fatal
+    assert "UNAVAILABLE" in members[dead_address]["detail"]
+    assert ready.json()["serving"] == 1
 
 
 def test_non_streaming_completion(
@@ -544,20 +548,37 @@ def test_conversion_defaults_and_token_limits() -> None:
 
 
 def test_pick_least_outstanding_then_round_robin() -> None:
-    backends = [Backend(a, None, None) for a in ("a:1", "b:1", "c:1")]  # type: ignore[arg-type]
-    pool = BackendPool(backends)
-    assert [pool.pick().address for _ in range(6)] == ["a:1", "b:1", "c:1"] * 2
-    backends[0].outstanding = 2
-    backends[2].outstanding = 1
-    assert pool.pick().address == "b:1"
-    backends[1].outstanding = 5
-    assert pool.pick().address == "c:1"
-    assert pool.pick(exclude={"c:1"}).address == "a:1"
-    backends[0].unavailable_until = time.monotonic() + 60  # just answered UNAVAILABLE
-    assert pool.pick(exclude={"c:1"}).address == "b:1"
-    for backend in backends:
-        backend.unavailable_until = time.monotonic() + 60
-    assert pool.pick().address == "c:1"  # all cooling down: routing as if none were
+    async def check() -> None:
+        targets = [parse_target(a) for a in ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")]
+        pool = BackendPool(targets, make_resolver())
+        await pool.start()  # addresses need no DNS; channels connect on first call only
+        try:
+            a, b, c = (t.port for t in targets)
+            backends = pool.backends
+
+            def picked(exclude: frozenset[str] | set[str] = frozenset()) -> int:
+                return int(pool.pick(exclude).address.rsplit(":", 1)[1])
+
+            assert [picked() for _ in range(6)] == [a, b, c] * 2
+            backends[0].outstanding = 2
+            backends[2].outstanding = 1
+            assert picked() == b
+            backends[1].outstanding = 5
+            assert picked() == c
+            assert picked(exclude={backends[2].address}) == a
+            backends[0].unavailable_until = time.monotonic() + 60  # just answered UNAVAILABLE
+            assert picked(exclude={backends[2].address}) == b
+            for backend in backends:
+                backend.unavailable_until = time.monotonic() + 60
+            assert picked() == c  # all cooling down: routing as if none were
+            for backend in backends:
+                backend.unavailable_until = 0.0
+            backends[2].serving = False  # its last Health said NOT_SERVING
+            assert picked() == a
+        finally:
+            await pool.close()
+
+    asyncio.run(check())
 
 
 def test_fetch_image_limits() -> None:
@@ -598,6 +619,10 @@ def test_fetch_image_limits() -> None:
 def test_config_rejects_bad_values() -> None:
     cases: dict[str, dict[str, Any]] = {
         "language_addresses": {"language_addresses": ("no-port",)},
+        "language_routing": {"language_routing": "random"},
+        "language_resolve_s": {"language_resolve_s": 0},
+        "dns_server": {"dns_server": "dns.example:53"},
+        "scrape_metrics": {"scrape_metrics": ("127.0.0.1:9101",)},
         "max_image_bytes": {"max_image_bytes": 0},
         "port": {"port": 70000},
         "request_timeout_s": {"request_timeout_s": 0},
@@ -608,6 +633,8 @@ def test_config_rejects_bad_values() -> None:
         with pytest.raises(ValueError, match=field):
             GatewayConfig(**kwargs)
     assert GatewayConfig(language_addresses="a:1, b:2").language_addresses == ("a:1", "b:2")  # type: ignore[arg-type]
+    named = GatewayConfig(language_addresses=("dns:///language:50061", "[::1]:50061"))
+    assert named.language_addresses == ("dns:///language:50061", "[::1]:50061")
 
 
 def test_cli_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -618,15 +645,23 @@ def test_cli_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVD_GATEWAY_MAX_IMAGES_PER_REQUEST", "3")
     parser = argparse.ArgumentParser(prog="dvd")
     register(parser.add_subparsers())
-    args = parser.parse_args(
-        ["gateway", "--language", "h1:1,h2:2", "--language", "h3:3", "--port", "9000"]
-    )
+    scrape = "http://127.0.0.1:9101/metrics,http://127.0.0.1:9102/metrics"
+    argv = ["gateway", "--language", "h1:1,h2:2", "--language", "h3:3", "--port", "9000"]
+    argv += ["--language-routing", "prefix-affine", "--dns-server", "127.0.0.1:5353"]
+    args = parser.parse_args([*argv, "--scrape-metrics", scrape])
     config = config_from_args(args)
     assert config.language_addresses == ("h1:1", "h2:2", "h3:3")
+    assert (config.language_routing, config.dns_server) == ("prefix-affine", "127.0.0.1:5353")
+    assert len(config.scrape_metrics) == 2 and config.language_resolve_s == 5.0
     assert (config.port, config.max_images_per_request) == (9000, 3)
     assert config.max_tokens_limit is None and config.allow_remote_images is False
     default = config_from_args(parser.parse_args(["gateway"]))
     assert default.language_addresses == ("127.0.0.1:50061",)
+    assert (default.language_routing, default.dns_server, default.scrape_metrics) == (
+        "least-loaded",
+        "",
+        (),
+    )
     out = io.StringIO()
     with pytest.raises(SystemExit), redirect_stdout(out):
         parser.parse_args(["gateway", "--help"])

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.stack import http_status, start_stack
+from tests.stack import Stack, http_status, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +168,39 @@ def test_vision_replicas_serve_as_one_pool(tmp_path: Path, tiny_checkpoint: Path
             assert f"on vision server {address}" in log, address
     finally:
         stack.stop(timeout_s=5)
+
+
+def test_one_scrape_of_the_gateway_shows_every_process(dvd_stack: Stack) -> None:
+    """`dvd up` opens each process's metrics port and the gateway's /metrics appends their
+    series: one valid exposition with the vision and language families, each named once."""
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.images import data_url, png_bytes
+
+    log = dvd_stack.log_path.read_text()
+    urls = re.findall(r"(?:vision|language) metrics: (http://\S+/metrics)", log)
+    assert len(urls) == 2, log
+    for url in urls:
+        assert http_status(url) == 200
+    api = openai.OpenAI(base_url=dvd_stack.base_url + "/v1", api_key="unused", max_retries=0)
+    image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(448, 448, 7))}}
+    api.chat.completions.create(
+        model=api.models.list().data[0].id,
+        messages=[{"role": "user", "content": [image, {"type": "text", "text": "?"}]}],
+        max_tokens=2,
+    )
+    with urllib.request.urlopen(dvd_stack.base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    families = list(text_string_to_metric_families(text))
+    names = [family.name for family in families]
+    assert len(names) == len(set(names)), "a family is named twice"
+    samples = {(s.name, s.labels.get("source")): s.value for f in families for s in f.samples}
+    sources = {url.split("/")[2] for url in urls}
+    vision = {src for (name, src) in samples if name.startswith("dvd_vision_")}
+    language = {src for (name, src) in samples if name.startswith("dvd_language_")}
+    assert len(vision) == 1 and len(language) == 1 and vision | language == sources
+    images = [v for (name, _), v in samples.items() if name == "dvd_vision_images_total"]
+    assert images and images[0] >= 1
+    assert any(name == "dvd_language_requests_total" for name, _ in samples)
+    assert any(name.startswith("dvd_gateway_member_calls") for name, _ in samples)
