@@ -8,8 +8,8 @@ channel to "the name" would stay on whichever pod it reached first.
 
 Routing, per call: the member with the fewest outstanding Generate calls (ties round
 robin), or with `prefix-affine` the member that the conversation's leading messages hash to
-(gateway.affinity), unless it carries more than its share of the load (dvd.routing), so a
-next turn finds its KV prefix in that server's cache. Members that just answered
+(gateway.affinity), unless it is several calls ahead of the least loaded member
+(dvd.routing), so a next turn finds its KV prefix in that server's cache. Members that just answered
 UNAVAILABLE (for COOLDOWN_S), or whose last Health was not SERVING, are passed over unless
 every member is.
 

@@ -230,11 +230,14 @@ def test_prefix_affine_keeps_conversations_on_one_member(
         assert turn1 == turn2, "a conversation's next turn moved"
         for member, share in shares(turn1).items():
             assert 0.4 <= share <= 0.6, (member, shares(turn1))
-        # One hot conversation under load: the bound (1.25 x the mean load, 5 of 8 calls in
-        # flight) moves what is over it to the other member.
+        # One hot conversation under load: its member may run at most 4 calls ahead of the
+        # other (dvd.routing's slack); what is over that goes to the other member.
         served = asyncio.run(load(url, [chat_body(first[0])] * 80, concurrency=8))
+        # Without the bound one member would take all 80; with it the other takes the
+        # overflow: about a quarter at 8 in flight (6 + 2).
+        assert len(shares(served)) == 2
         for member, share in shares(served).items():
-            assert 0.25 <= share <= 0.75, (member, shares(served))
+            assert 0.1 <= share <= 0.9, (member, shares(served))
 
 
 def test_ready_is_503_while_the_name_resolves_to_nothing() -> None:
