@@ -68,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
     if not load_config(model).has_router:
         raise SystemExit(f"dvd bench vir: {model} has no ViR (not an InternVL3.5-Flash model)")
     port, metrics_port = free_port(), free_port()
-    argv = dvd_up_argv(model, port, "--kv-cache-gib", "1")
+    argv = dvd_up_argv(
+        model, port, "--kv-cache-gib", "1", "--vision-metrics-port", str(metrics_port)
+    )
     report: dict[str, Any] = {"model": str(model), "modes": {}}
     url = f"http://127.0.0.1:{port}"
     metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-    with running(
-        "dvd", argv, url, work / "dvd-up.log", env={"DVD_VISION_METRICS_PORT": str(metrics_port)}
-    ):
+    with running("dvd", argv, url, work / "dvd-up.log"):
         for mode in MODES:
             before_tokens = vision_counter(metrics, "dvd_vision_visual_tokens_total")
             before_images = vision_counter(metrics, "dvd_vision_images_total")

@@ -136,14 +136,13 @@ def test_modes_a_checkpoint_without_vir_cannot_serve(tiny_checkpoint: Path) -> N
 def flash_stacks(
     flash_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Stack, Stack, int]]:
-    import os
-
     metrics_port = free_port()
-    os.environ["DVD_VISION_METRICS_PORT"] = str(metrics_port)
-    try:
-        dvd = start_stack(flash_checkpoint, tmp_path_factory.mktemp("flash-dvd"))
-    finally:
-        del os.environ["DVD_VISION_METRICS_PORT"]
+    dvd = start_stack(
+        flash_checkpoint,
+        tmp_path_factory.mktemp("flash-dvd"),
+        "--vision-metrics-port",
+        str(metrics_port),
+    )
     coupled = start_stack(flash_checkpoint, tmp_path_factory.mktemp("flash-coupled"), "--coupled")
     yield dvd, coupled, metrics_port
     dvd.stop()
