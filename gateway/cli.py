@@ -11,7 +11,7 @@ import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
-from dvd.flags import add_flag
+from dvd.flags import add_flag, add_repeated_flag
 from dvd.routing import LEAST_LOADED
 from gateway.config import ROUTINGS
 
@@ -125,6 +125,24 @@ def register(subparsers: Any) -> None:
         "fetch any URL it can reach)",
     )
     flag("--remote-image-timeout-s", 10.0, "total time allowed to fetch one remote image")
+    add_repeated_flag(
+        parser,
+        COMMAND,
+        "--api-key",
+        "a key clients must send as 'Authorization: Bearer KEY' on /v1/*; repeat for several "
+        "(with none here or in --api-key-file, the API is open)",
+        metavar="KEY",
+    )
+    flag(
+        "--api-key-file",
+        "",
+        "file of further API keys, one a line (# comments allowed), read again on SIGHUP",
+    )
+    flag(
+        "--protect-metrics",
+        False,
+        "require an API key on /metrics too (/health and /ready always stay open)",
+    )
     flag("--health-timeout-s", 2.0, "how long /ready waits for each language server's Health")
     flag(
         "--log-level",
@@ -155,6 +173,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         allow_remote_images=args.allow_remote_images,
         remote_image_timeout_s=args.remote_image_timeout_s,
         health_timeout_s=args.health_timeout_s,
+        api_keys=tuple(args.api_key),
+        api_key_file=args.api_key_file,
+        protect_metrics=args.protect_metrics,
         language_resolve_s=args.language_resolve_s,
         dns_server=args.dns_server,
         language_routing=args.language_routing,

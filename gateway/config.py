@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from dvd.discovery import parse_target
 from dvd.routing import LEAST_LOADED
@@ -52,6 +53,13 @@ class GatewayConfig:
     allow_remote_images: bool = False
     """Whether http(s) image URLs are fetched (off by default: the gateway would fetch any URL)."""
     remote_image_timeout_s: float = 10.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Keys a client may present as `Authorization: Bearer <key>` on /v1/* (see gateway.auth);
+    kept out of repr so that a logged config shows no key."""
+    api_key_file: str = ""
+    """File of further keys, one a line, read again on SIGHUP; empty: none."""
+    protect_metrics: bool = False
+    """Whether /metrics needs a key too (it shows traffic, not content)."""
     health_timeout_s: float = 2.0
     """How long /ready waits for each language server's Health answer."""
     log_level: str = "info"
@@ -111,6 +119,15 @@ class GatewayConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        for index, key in enumerate(self.api_keys):
+            # The message names the key's position, never the key.
+            if not key or key != key.strip() or any(c.isspace() for c in key):
+                raise ValueError(f"api_keys: key {index + 1} is empty or holds whitespace")
+        if self.api_key_file and not os.path.isfile(self.api_key_file):
+            raise ValueError(f"api_key_file: {self.api_key_file!r} is not a readable file")
+        if self.protect_metrics and not (self.api_keys or self.api_key_file):
+            raise ValueError("protect_metrics: needs api_keys or api_key_file")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 

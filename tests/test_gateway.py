@@ -86,6 +86,20 @@ def serve(config: GatewayConfig) -> Iterator[str]:
         sock.close()
 
 
+def wait_healthy(url: str, process: Any, timeout_s: float = 30) -> None:
+    """Waits until a `dvd gateway` process answers /health (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, "dvd gateway exited"
+        assert time.monotonic() < deadline, "dvd gateway did not come up"
+        time.sleep(0.1)
+
+
 def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
@@ -710,16 +724,7 @@ def test_cli_run_serves(tmp_path: Any) -> None:
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, "dvd gateway exited"
-            assert time.monotonic() < deadline, "dvd gateway did not come up"
-            time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}", process)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
         assert models["data"][0]["id"] == MODEL
     finally:
