@@ -1,7 +1,7 @@
 """The gateway's FastAPI app: routes, middleware, and the state its lifespan owns.
 
 `create_app(config)` builds the app; its lifespan opens the metrics registry, the
-language-server pool, (when remote images are allowed) an HTTP client for images and (when
+language-server pool, (unless remote images are off) the guarded image fetcher and (when
 other processes' metrics are appended) one for scraping them, and stores them on
 `app.state`. Nothing lives in module globals. The API keys (gateway.auth) are on
 `app.state.keys` from the start, since the middleware that checks them needs them.
@@ -31,6 +31,7 @@ from gateway.auth import ApiKeys, AuthMiddleware
 from gateway.backends import BackendPool
 from gateway.config import GatewayConfig
 from gateway.errors import error_body, install_handlers
+from gateway.media_guard import MediaFetcher
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import CHAT_PATH, AccessMiddleware, BodyLimitMiddleware
 from gateway.protocol import ChatCompletion, ErrorResponse, ModelCard, ModelList
@@ -51,7 +52,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.metrics = GatewayMetrics()
         app.state.pool = BackendPool.from_config(config, app.state.metrics)
-        app.state.http = _image_client(config)
+        app.state.media = MediaFetcher(config) if config.remote_images else None
         # Loopback URLs of this stack's own processes: no proxy from the environment.
         app.state.scraper = httpx.AsyncClient(trust_env=False) if config.scrape_metrics else None
         reload_on_sighup = _watch_sighup(app.state.keys)
@@ -62,7 +63,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             if reload_on_sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await app.state.pool.close()
-            for client in (app.state.http, app.state.scraper):
+            for client in (app.state.media, app.state.scraper):
                 if client is not None:
                     await client.aclose()
 
@@ -91,14 +92,6 @@ def _watch_sighup(keys: ApiKeys) -> bool:
         logger.warning("api keys: SIGHUP will not reload %s here (%s)", keys.key_file, exc)
         return False
     return True
-
-
-def _image_client(config: GatewayConfig) -> httpx.AsyncClient | None:
-    if not config.allow_remote_images:
-        return None
-    return httpx.AsyncClient(
-        timeout=config.remote_image_timeout_s, follow_redirects=True, max_redirects=3
-    )
 
 
 def _add_routes(app: FastAPI) -> None:

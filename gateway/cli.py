@@ -119,12 +119,45 @@ def register(subparsers: Any) -> None:
         "deadline of one generation on the language server, in seconds (504 when passed)",
     )
     flag(
-        "--allow-remote-images",
-        False,
-        "fetch http(s) image URLs (off: only data: URLs; on lets clients make the gateway "
-        "fetch any URL it can reach)",
+        "--remote-images",
+        "on",
+        "fetch http(s) image URLs (on, as vLLM does) or accept only data: URLs (off); fetches "
+        "are refused for loopback, private, link-local, shared and metadata addresses",
+        choices=["on", "off"],
     )
-    flag("--remote-image-timeout-s", 10.0, "total time allowed to fetch one remote image")
+    # Before --remote-images existed, fetching was opt-in; the old switch still works.
+    for old_flag, value in (("--allow-remote-images", "on"), ("--no-allow-remote-images", "off")):
+        parser.add_argument(
+            old_flag,
+            dest="remote_images",
+            action="store_const",
+            const=value,
+            help=argparse.SUPPRESS,
+        )
+    flag(
+        "--allowed-media-domains",
+        "",
+        "comma-separated host names that image URLs and their redirects may name (exact "
+        "match); empty: any host whose address passes the checks",
+        metavar="HOST[,HOST...]",
+    )
+    flag(
+        "--allow-private-media-addresses",
+        False,
+        "let image URLs reach loopback/private/link-local/shared addresses, for the host the "
+        "client named or a host in --allowed-media-domains (a redirect elsewhere stays refused)",
+    )
+    flag("--max-image-redirects", 3, "most redirects followed for one remote image")
+    flag(
+        "--max-concurrent-image-fetches",
+        16,
+        "remote image fetches in progress at once; more wait (within their time limit)",
+    )
+    flag(
+        "--remote-image-timeout-s",
+        10.0,
+        "total time for one remote image: waiting for a fetch slot, DNS, redirects, body",
+    )
     add_repeated_flag(
         parser,
         COMMAND,
@@ -170,8 +203,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_request_bytes=args.max_request_bytes,
         max_tokens_limit=args.max_tokens_limit or None,
         request_timeout_s=args.request_timeout_s,
-        allow_remote_images=args.allow_remote_images,
+        remote_images=args.remote_images == "on",
+        allowed_media_domains=tuple(split_addresses(args.allowed_media_domains)),
+        allow_private_media_addresses=args.allow_private_media_addresses,
         remote_image_timeout_s=args.remote_image_timeout_s,
+        max_image_redirects=args.max_image_redirects,
+        max_concurrent_image_fetches=args.max_concurrent_image_fetches,
         health_timeout_s=args.health_timeout_s,
         api_keys=tuple(args.api_key),
         api_key_file=args.api_key_file,
