@@ -118,9 +118,14 @@ class MediaFetcher:
         self.config = config
         self.resolve = resolve
         self.allowed = frozenset(_norm(h) for h in config.allowed_media_domains)
-        # Redirects are followed here, hop by hop, so each target is checked before use.
+        # Redirects are followed here, hop by hop, so each target is checked before use. No
+        # connection is kept: the pool is keyed by IP, so a TLS connection whose certificate
+        # was checked for one name could otherwise carry a request for another name there.
         self.client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, transport=transport
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport,
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
         self.slots = asyncio.Semaphore(config.max_concurrent_image_fetches)
 
