@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,8 +31,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from dvd.env import cache_dir
-from dvd.flags import add_flag
+from dvd.env import cache_dir, env_name
+from dvd.flags import add_flag, add_repeated_flag
 from language_server.cli import ENGINE_FLAGS, add_engine_flags
 
 COMMAND = "up"
@@ -112,6 +113,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, COMMAND, "--max-model-len", 0, "context length; 0: the model's, capped")
     add_engine_flags(parser, COMMAND)  # forwarded to the language server
     add_flag(parser, COMMAND, "--served-model-name", None, "model name clients use")
+    add_repeated_flag(
+        parser,
+        COMMAND,
+        "--api-key",
+        "API key the gateway requires on /v1/* (repeatable); passed to it in its environment, "
+        "not on its command line, so it shows in no process list or log",
+        metavar="KEY",
+    )
     add_flag(parser, COMMAND, "--ready-timeout-s", 600.0, "how long to wait for the stack")
     add_flag(
         parser,
@@ -287,6 +296,14 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
     return procs
 
 
+def child_env(name: str, args: argparse.Namespace) -> dict[str, str] | None:
+    """The gateway's environment carries `--api-key` (argv is logged and world-readable);
+    every other child inherits ours."""
+    if name != "gateway" or not args.api_key:
+        return None
+    return {**os.environ, env_name("gateway", "--api-key"): shlex.join(args.api_key)}
+
+
 def check_language(argv: list[str]) -> None:
     """Builds the language server's config from its command line as `dvd language` will,
     and checks its engine argument names: a bad setting fails here, before any child has
@@ -337,7 +354,9 @@ def split_cpus(cpus: set[int], parts: int) -> list[set[int]]:
     return shares
 
 
-def start(name: str, argv: list[str], cpus: set[int] | None = None) -> Child:
+def start(
+    name: str, argv: list[str], cpus: set[int] | None = None, env: dict[str, str] | None = None
+) -> Child:
     """Starts a child that dies with us and, when `cpus` is given, runs only on them
     (its own children, e.g. vLLM's engine processes, inherit the affinity)."""
     log.info("starting %s%s: %s", name, f" on CPUs {sorted(cpus)}" if cpus else "", " ".join(argv))
@@ -347,7 +366,7 @@ def start(name: str, argv: list[str], cpus: set[int] | None = None) -> Child:
         if cpus:
             os.sched_setaffinity(0, cpus)
 
-    return Child(name, subprocess.Popen(argv, preexec_fn=prepare))
+    return Child(name, subprocess.Popen(argv, preexec_fn=prepare, env=env))
 
 
 def stop_all(children: list[Child], timeout_s: float = 20.0) -> None:
@@ -430,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
                 port = int(argv[argv.index("--metrics-port") + 1])
                 log.info("%s metrics: %s", name, metrics_url(port))
         for name, argv in procs:
-            children.append(start(name, argv, pinning.get(name)))
+            children.append(start(name, argv, pinning.get(name), child_env(name, args)))
         code = supervise(children, f"http://{args.host}:{args.port}/ready", args.ready_timeout_s)
     except KeyboardInterrupt:
         log.info("stopping dvd-serve")

@@ -1,9 +1,10 @@
 """The gateway's FastAPI app: routes, middleware, and the state its lifespan owns.
 
 `create_app(config)` builds the app; its lifespan opens the metrics registry, the
-language-server pool, (when remote images are allowed) an HTTP client for images and (when
+language-server pool, (unless remote images are off) the guarded image fetcher and (when
 other processes' metrics are appended) one for scraping them, and stores them on
-`app.state`. Nothing lives in module globals.
+`app.state`. Nothing lives in module globals. The API keys (gateway.auth) are on
+`app.state.keys` from the start, since the middleware that checks them needs them.
 
 /health is liveness (the process answers); /ready is readiness, "can serve": at least one
 language server answers Health SERVING. A degraded member is listed in /ready's body, not
@@ -12,6 +13,9 @@ fatal, since the pool routes around it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -23,17 +27,21 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dvd import __version__
+from gateway.auth import ApiKeys, AuthMiddleware
 from gateway.backends import BackendPool
 from gateway.config import GatewayConfig
 from gateway.errors import error_body, install_handlers
+from gateway.media_guard import MediaFetcher
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import CHAT_PATH, AccessMiddleware, BodyLimitMiddleware
 from gateway.protocol import ChatCompletion, ErrorResponse, ModelCard, ModelList
 from gateway.scrape import fetch_all, merge
 from gateway.serving import create_chat_completion, served_model
 
+logger = logging.getLogger("dvd.gateway")
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
 }
 
 
@@ -44,33 +52,46 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.metrics = GatewayMetrics()
         app.state.pool = BackendPool.from_config(config, app.state.metrics)
-        app.state.http = _image_client(config)
+        app.state.media = MediaFetcher(config) if config.remote_images else None
         # Loopback URLs of this stack's own processes: no proxy from the environment.
         app.state.scraper = httpx.AsyncClient(trust_env=False) if config.scrape_metrics else None
+        reload_on_sighup = _watch_sighup(app.state.keys)
         try:
             await app.state.pool.start()
             yield
         finally:
+            if reload_on_sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await app.state.pool.close()
-            for client in (app.state.http, app.state.scraper):
+            for client in (app.state.media, app.state.scraper):
                 if client is not None:
                     await client.aclose()
 
     app = FastAPI(title="dvd-serve gateway", version=__version__, lifespan=lifespan)
     app.state.config = config
+    # Built here, not in the lifespan: the middleware needs it, and a bad key file should
+    # stop the process before it listens.
+    app.state.keys = ApiKeys(config.api_keys, config.api_key_file)
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    # Inside AccessMiddleware (a refusal is logged and counted), before the body is read.
+    app.add_middleware(AuthMiddleware, keys=app.state.keys, protect_metrics=config.protect_metrics)
     app.add_middleware(AccessMiddleware)  # added last: outermost
     _add_routes(app)
     return app
 
 
-def _image_client(config: GatewayConfig) -> httpx.AsyncClient | None:
-    if not config.allow_remote_images:
-        return None
-    return httpx.AsyncClient(
-        timeout=config.remote_image_timeout_s, follow_redirects=True, max_redirects=3
-    )
+def _watch_sighup(keys: ApiKeys) -> bool:
+    """Re-reads the key file on SIGHUP. Signal handlers belong to the main thread's loop; a
+    gateway run elsewhere (in a test's thread) just keeps its keys."""
+    if not keys.key_file:
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keys.reload)
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        logger.warning("api keys: SIGHUP will not reload %s here (%s)", keys.key_file, exc)
+        return False
+    return True
 
 
 def _add_routes(app: FastAPI) -> None:

@@ -11,7 +11,7 @@ import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
-from dvd.flags import add_flag
+from dvd.flags import add_flag, add_repeated_flag
 from dvd.routing import LEAST_LOADED
 from gateway.config import ROUTINGS
 
@@ -119,12 +119,63 @@ def register(subparsers: Any) -> None:
         "deadline of one generation on the language server, in seconds (504 when passed)",
     )
     flag(
-        "--allow-remote-images",
-        False,
-        "fetch http(s) image URLs (off: only data: URLs; on lets clients make the gateway "
-        "fetch any URL it can reach)",
+        "--remote-images",
+        "on",
+        "fetch http(s) image URLs (on, as vLLM does) or accept only data: URLs (off); fetches "
+        "are refused for loopback, private, link-local, shared and metadata addresses",
+        choices=["on", "off"],
     )
-    flag("--remote-image-timeout-s", 10.0, "total time allowed to fetch one remote image")
+    # Before --remote-images existed, fetching was opt-in; the old switch still works.
+    for old_flag, value in (("--allow-remote-images", "on"), ("--no-allow-remote-images", "off")):
+        parser.add_argument(
+            old_flag,
+            dest="remote_images",
+            action="store_const",
+            const=value,
+            help=argparse.SUPPRESS,
+        )
+    flag(
+        "--allowed-media-domains",
+        "",
+        "comma-separated host names that image URLs and their redirects may name (exact "
+        "match); empty: any host whose address passes the checks",
+        metavar="HOST[,HOST...]",
+    )
+    flag(
+        "--allow-private-media-addresses",
+        False,
+        "let image URLs reach loopback/private/link-local/shared addresses, for the host the "
+        "client named or a host in --allowed-media-domains (a redirect elsewhere stays refused)",
+    )
+    flag("--max-image-redirects", 3, "most redirects followed for one remote image")
+    flag(
+        "--max-concurrent-image-fetches",
+        16,
+        "remote image fetches in progress at once; more wait (within their time limit)",
+    )
+    flag(
+        "--remote-image-timeout-s",
+        10.0,
+        "total time for one remote image: waiting for a fetch slot, DNS, redirects, body",
+    )
+    add_repeated_flag(
+        parser,
+        COMMAND,
+        "--api-key",
+        "a key clients must send as 'Authorization: Bearer KEY' on /v1/*; repeat for several "
+        "(with none here or in --api-key-file, the API is open)",
+        metavar="KEY",
+    )
+    flag(
+        "--api-key-file",
+        "",
+        "file of further API keys, one a line (# comments allowed), read again on SIGHUP",
+    )
+    flag(
+        "--protect-metrics",
+        False,
+        "require an API key on /metrics too (/health and /ready always stay open)",
+    )
     flag("--health-timeout-s", 2.0, "how long /ready waits for each language server's Health")
     flag(
         "--log-level",
@@ -152,9 +203,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_request_bytes=args.max_request_bytes,
         max_tokens_limit=args.max_tokens_limit or None,
         request_timeout_s=args.request_timeout_s,
-        allow_remote_images=args.allow_remote_images,
+        remote_images=args.remote_images == "on",
+        allowed_media_domains=tuple(split_addresses(args.allowed_media_domains)),
+        allow_private_media_addresses=args.allow_private_media_addresses,
         remote_image_timeout_s=args.remote_image_timeout_s,
+        max_image_redirects=args.max_image_redirects,
+        max_concurrent_image_fetches=args.max_concurrent_image_fetches,
         health_timeout_s=args.health_timeout_s,
+        api_keys=tuple(args.api_key),
+        api_key_file=args.api_key_file,
+        protect_metrics=args.protect_metrics,
         language_resolve_s=args.language_resolve_s,
         dns_server=args.dns_server,
         language_routing=args.language_routing,

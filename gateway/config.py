@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+import os
+from dataclasses import dataclass, field
 
 from dvd.discovery import parse_target
 from dvd.routing import LEAST_LOADED
@@ -49,9 +51,26 @@ class GatewayConfig:
     """Cap on max_tokens a client may ask for (and the default when it asks for none)."""
     request_timeout_s: float = 600.0
     """Deadline of one Generate call on the language server."""
-    allow_remote_images: bool = False
-    """Whether http(s) image URLs are fetched (off by default: the gateway would fetch any URL)."""
+    remote_images: bool = True
+    """Whether http(s) image URLs are fetched (as vLLM does), under gateway.media_guard's
+    rules; off, only data: URLs are accepted."""
+    allowed_media_domains: tuple[str, ...] = ()
+    """When set, the only hosts image URLs (and their redirects) may name."""
+    allow_private_media_addresses: bool = False
+    """Let image URLs reach loopback, private, link-local and shared addresses (for the host
+    the client named or listed hosts only; metadata addresses never)."""
     remote_image_timeout_s: float = 10.0
+    """Total time for one remote image: a fetch slot, DNS, every redirect and the body."""
+    max_image_redirects: int = 3
+    max_concurrent_image_fetches: int = 16
+    """Remote image fetches in progress at once across all requests; more wait their turn."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Keys a client may present as `Authorization: Bearer <key>` on /v1/* (see gateway.auth);
+    kept out of repr so that a logged config shows no key."""
+    api_key_file: str = ""
+    """File of further keys, one a line, read again on SIGHUP; empty: none."""
+    protect_metrics: bool = False
+    """Whether /metrics needs a key too (it shows traffic, not content)."""
     health_timeout_s: float = 2.0
     """How long /ready waits for each language server's Health answer."""
     log_level: str = "info"
@@ -90,7 +109,19 @@ class GatewayConfig:
             raise ValueError(f"port: {self.port} is not in 0..65535")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("served_model_name: must not be empty (use None to ask Info)")
+        domains = self.allowed_media_domains
+        if isinstance(domains, str):
+            domains = split_addresses(domains)
+        object.__setattr__(self, "allowed_media_domains", tuple(domains))
+        for host in self.allowed_media_domains:
+            if not _is_host(host):
+                raise ValueError(f"allowed_media_domains: {host!r} is not a host name")
+        if self.max_image_redirects < 0:
+            raise ValueError(
+                f"max_image_redirects: must be at least 0, got {self.max_image_redirects}"
+            )
         for name in (
+            "max_concurrent_image_fetches",
             "max_image_bytes",
             "max_image_pixels",
             "max_images_per_request",
@@ -111,8 +142,26 @@ class GatewayConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        for index, key in enumerate(self.api_keys):
+            # The message names the key's position, never the key.
+            if not key or key != key.strip() or any(c.isspace() for c in key):
+                raise ValueError(f"api_keys: key {index + 1} is empty or holds whitespace")
+        if self.api_key_file and not os.path.isfile(self.api_key_file):
+            raise ValueError(f"api_key_file: {self.api_key_file!r} is not a readable file")
+        if self.protect_metrics and not (self.api_keys or self.api_key_file):
+            raise ValueError("protect_metrics: needs api_keys or api_key_file")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def _is_host(text: str) -> bool:
+    """A host name or IP literal, without scheme, port, path or credentials."""
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        return bool(text) and not any(c in text for c in "/:@?# ")
 
 
 def split_addresses(text: str) -> list[str]:

@@ -7,13 +7,12 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
-
 from dvd import vir_mode
 from dvd.v1 import language_pb2
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.images import load_image
+from gateway.media_guard import MediaFetcher
 from gateway.protocol import ChatCompletionRequest, ImagePart
 
 T = TypeVar("T")
@@ -31,12 +30,12 @@ async def to_generate_request(
     chat: ChatCompletionRequest,
     request_id: str,
     config: GatewayConfig,
-    client: httpx.AsyncClient | None = None,
+    fetcher: MediaFetcher | None = None,
     limits: ModelLimits = ModelLimits(),
 ) -> language_pb2.GenerateRequest:
     """Messages (images loaded and checked, order kept) and sampling settings."""
     sampling = sampling_options(chat, config.max_tokens_limit, limits.max_model_len)
-    images = await load_images(chat, config, client, limits.max_images)
+    images = await load_images(chat, config, fetcher, limits.max_images)
     messages = []
     for m, message in enumerate(chat.messages):
         parts = []
@@ -57,7 +56,7 @@ async def to_generate_request(
 async def load_images(
     chat: ChatCompletionRequest,
     config: GatewayConfig,
-    client: httpx.AsyncClient | None,
+    fetcher: MediaFetcher | None,
     model_max_images: int | None = None,
 ) -> dict[tuple[int, int], bytes]:
     """Every image's bytes keyed by (message index, part index), after the count check."""
@@ -78,7 +77,7 @@ async def load_images(
             code="too_many_images",
         )
     loads = [
-        load_image(url, config, client, f"messages[{m}].content[{p}].image_url.url")
+        load_image(url, config, fetcher, f"messages[{m}].content[{p}].image_url.url")
         for m, p, url in where
     ]
     data = await _gather(loads)

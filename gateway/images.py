@@ -1,7 +1,8 @@
 """Turns an OpenAI `image_url` into the image's encoded bytes, under limits.
 
-`data:image/...;base64,` URLs are decoded here; http(s) URLs are fetched only when the config
-allows it. Each image then gets a cheap header check (format known, width * height within
+`data:image/...;base64,` URLs are decoded here; http(s) URLs are fetched by
+gateway.media_guard (unless `--remote-images off`), under its address rules. Each image,
+inline or fetched, then gets a cheap header check (format known, width * height within
 the pixel limit) without decoding its pixels: the full decode happens on the vision server.
 Every failure is a 400 `ApiError` whose message names the field (`param`).
 """
@@ -15,11 +16,11 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import httpx
 from PIL import Image, UnidentifiedImageError
 
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
+from gateway.media_guard import MediaFetcher, too_big
 
 DECODE_IN_THREAD_BYTES = 1024 * 1024
 """data: URLs longer than this are base64-decoded off the event loop."""
@@ -33,7 +34,7 @@ class ImageHeader:
 
 
 async def load_image(
-    url: str, config: GatewayConfig, client: httpx.AsyncClient | None, param: str
+    url: str, config: GatewayConfig, fetcher: MediaFetcher | None, param: str
 ) -> bytes:
     """The image bytes behind `url`, checked against the config's limits."""
     scheme = url[: url.find(":") + 1].lower()
@@ -43,7 +44,7 @@ async def load_image(
         else:
             data = decode_data_url(url, config.max_image_bytes, param)
     elif scheme in ("http:", "https:"):
-        if not config.allow_remote_images or client is None:
+        if fetcher is None:
             raise ApiError(
                 400,
                 f"{param}: image URLs are not fetched by this server; send the image inline "
@@ -51,14 +52,12 @@ async def load_image(
                 param=param,
                 code="remote_images_disabled",
             )
-        data = await fetch_image(
-            client, url, config.max_image_bytes, config.remote_image_timeout_s, param
-        )
+        data = await fetcher.fetch(url, param)
     else:
         raise ApiError(
             400,
             f"{param}: unsupported image URL scheme {scheme or url[:16]!r}; "
-            "use data:image/...;base64,...",
+            "use data:image/...;base64,... or http(s)",
             param=param,
         )
     check_image(data, config.max_image_pixels, param)
@@ -83,10 +82,10 @@ def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
             400, f"{param}: data: URL must be base64-encoded (data:{mime};base64,...)", param=param
         )
     if len(payload) // 4 * 3 > max_bytes + 3:
-        raise _too_big(param, max_bytes)
+        raise too_big(param, max_bytes)
     data = _b64decode(payload, param)
     if len(data) > max_bytes:
-        raise _too_big(param, max_bytes)
+        raise too_big(param, max_bytes)
     return data
 
 
@@ -102,41 +101,6 @@ def _b64decode(payload: str, param: str) -> bytes:
         raise ApiError(
             400, f"{param}: data: URL payload is not valid base64", param=param
         ) from None
-
-
-async def fetch_image(
-    client: httpx.AsyncClient, url: str, max_bytes: int, timeout_s: float, param: str
-) -> bytes:
-    """Downloads `url`, stopping as soon as it is over `max_bytes` or `timeout_s` in total."""
-    try:
-        return await asyncio.wait_for(_download(client, url, max_bytes, param), timeout_s)
-    except (asyncio.TimeoutError, httpx.TimeoutException):
-        raise ApiError(
-            400, f"{param}: fetching the image timed out after {timeout_s:g} s", param=param
-        ) from None
-    except httpx.HTTPError as exc:
-        raise ApiError(
-            400, f"{param}: the image could not be fetched: {exc}", param=param
-        ) from None
-
-
-async def _download(client: httpx.AsyncClient, url: str, max_bytes: int, param: str) -> bytes:
-    async with client.stream("GET", url) as response:
-        if response.status_code != 200:
-            raise ApiError(
-                400,
-                f"{param}: fetching the image returned HTTP {response.status_code}",
-                param=param,
-            )
-        length = response.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_bytes:
-            raise _too_big(param, max_bytes)
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > max_bytes:
-                raise _too_big(param, max_bytes)
-        return bytes(body)
 
 
 def check_image(data: bytes, max_pixels: int, param: str) -> ImageHeader:
@@ -165,12 +129,6 @@ def check_image(data: bytes, max_pixels: int, param: str) -> ImageHeader:
     if header.width * header.height > max_pixels:
         raise _too_many_pixels(param, max_pixels, header)
     return header
-
-
-def _too_big(param: str, max_bytes: int) -> ApiError:
-    return ApiError(
-        400, f"{param}: the image is larger than the limit of {max_bytes} bytes", param=param
-    )
 
 
 def _too_many_pixels(param: str, max_pixels: int, header: ImageHeader | None) -> ApiError:

@@ -34,6 +34,8 @@ class RequestRecord:
     model: str = ""
     backend: str = ""
     stream: bool = False
+    key_id: str = ""
+    """The API key's id (gateway.auth.key_id), "invalid" or "none"; empty when keys are off."""
     prompt_tokens: int = 0
     image_tokens: int = 0
     completion_tokens: int = 0
@@ -84,6 +86,12 @@ class GatewayMetrics:
             "dvd_gateway_requests_total",
             "Chat completion requests by HTTP status (499: client went away).",
             ["status"],
+            registry=r,
+        )
+        self.key_requests = Counter(
+            "dvd_gateway_key_requests_total",
+            "Chat completion requests by API key id (a hash prefix; invalid, none) and status.",
+            ["key_id", "status"],
             registry=r,
         )
         self.in_flight = Gauge(
@@ -152,6 +160,8 @@ class GatewayMetrics:
         """Observes one finished chat completion request."""
         self.requests.labels(status=str(status)).inc()
         self.request_seconds.observe(seconds)
+        if record.key_id:
+            self.key_requests.labels(key_id=record.key_id, status=str(status)).inc()
         ttft, tpot = record.ttft_s(), record.tpot_s()
         if ttft is not None:
             self.ttft.observe(ttft)

@@ -85,11 +85,12 @@ def _log(scope: Scope, record: RequestRecord, status: int, seconds: float) -> No
     ttft = record.ttft_s()
     logger.log(
         level,
-        "%s %s id=%s status=%d model=%s backend=%s stream=%s prompt_tokens=%d "
+        "%s %s id=%s key=%s status=%d model=%s backend=%s stream=%s prompt_tokens=%d "
         "image_tokens=%d completion_tokens=%d ttft_ms=%s total_ms=%.1f",
         scope["method"],
         scope["path"],
         record.request_id,
+        record.key_id or "-",
         status,
         record.model or "-",
         record.backend or "-",

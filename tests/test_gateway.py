@@ -13,7 +13,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager, redirect_stdout
 from typing import Any
@@ -32,7 +32,7 @@ from gateway.backends import BackendPool
 from gateway.config import GatewayConfig
 from gateway.convert import ModelLimits, to_generate_request
 from gateway.errors import ApiError
-from gateway.images import check_image, decode_data_url, fetch_image, load_image
+from gateway.images import check_image, decode_data_url
 from gateway.protocol import ChatCompletionRequest
 
 pytestmark = pytest.mark.timeout(60)
@@ -84,6 +84,20 @@ def serve(config: GatewayConfig) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=20)
         sock.close()
+
+
+def wait_healthy(url: str, process: Any, timeout_s: float = 30) -> None:
+    """Waits until a `dvd gateway` process answers /health (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, "dvd gateway exited"
+        assert time.monotonic() < deadline, "dvd gateway did not come up"
+        time.sleep(0.1)
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -189,6 +203,7 @@ def no_backend(dead_address: str) -> Iterator[str]:
         max_images_per_request=2,
         max_request_bytes=512 * 1024,
         health_timeout_s=1.0,
+        remote_images=False,  # no test may reach beyond loopback (tests/test_media_guard.py)
     )
     with serve(config) as url:
         yield url
@@ -581,41 +596,6 @@ def test_pick_least_outstanding_then_round_robin() -> None:
     asyncio.run(check())
 
 
-def test_fetch_image_limits() -> None:
-    image = png()
-
-    async def endless() -> AsyncIterator[bytes]:
-        for _ in range(100):
-            yield b"x" * 4096
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/missing":
-            return httpx.Response(404)
-        if request.url.path == "/huge":
-            return httpx.Response(200, content=endless())  # streamed, no content-length
-        return httpx.Response(200, content=image)
-
-    async def fetch(path: str, max_bytes: int = 1 << 20) -> bytes:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await fetch_image(client, f"http://images.test{path}", max_bytes, 5.0, "p")
-
-    assert asyncio.run(fetch("/cat.png")) == image
-    with pytest.raises(ApiError, match="HTTP 404"):
-        asyncio.run(fetch("/missing"))
-    with pytest.raises(ApiError, match="larger than the limit of 10000"):
-        asyncio.run(fetch("/huge", 10_000))
-    with pytest.raises(ApiError, match="larger than"):
-        asyncio.run(fetch("/cat.png", len(image) - 1))
-
-    config = GatewayConfig(allow_remote_images=True)
-
-    async def load(url: str) -> bytes:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await load_image(url, config, client, "p")
-
-    assert asyncio.run(load("https://images.test/cat.png")) == image
-
-
 def test_config_rejects_bad_values() -> None:
     cases: dict[str, dict[str, Any]] = {
         "language_addresses": {"language_addresses": ("no-port",)},
@@ -654,7 +634,7 @@ def test_cli_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.language_routing, config.dns_server) == ("prefix-affine", "127.0.0.1:5353")
     assert len(config.scrape_metrics) == 2 and config.language_resolve_s == 5.0
     assert (config.port, config.max_images_per_request) == (9000, 3)
-    assert config.max_tokens_limit is None and config.allow_remote_images is False
+    assert config.max_tokens_limit is None and config.remote_images is True
     default = config_from_args(parser.parse_args(["gateway"]))
     assert default.language_addresses == ("127.0.0.1:50061",)
     assert (default.language_routing, default.dns_server, default.scrape_metrics) == (
@@ -710,16 +690,7 @@ def test_cli_run_serves(tmp_path: Any) -> None:
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, "dvd gateway exited"
-            assert time.monotonic() < deadline, "dvd gateway did not come up"
-            time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}", process)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
         assert models["data"][0]["id"] == MODEL
     finally:
