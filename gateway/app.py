@@ -30,10 +30,16 @@ from dvd import __version__
 from gateway.auth import ApiKeys, AuthMiddleware
 from gateway.backends import BackendPool
 from gateway.config import GatewayConfig
+from gateway.drain import DrainMiddleware, DrainState
 from gateway.errors import error_body, install_handlers
 from gateway.media_guard import MediaFetcher
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import CHAT_PATH, AccessMiddleware, BodyLimitMiddleware
+from gateway.middleware import (
+    CHAT_PATH,
+    AccessMiddleware,
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+)
 from gateway.protocol import ChatCompletion, ErrorResponse, ModelCard, ModelList
 from gateway.scrape import fetch_all, merge
 from gateway.serving import create_chat_completion, served_model
@@ -72,10 +78,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
     # Built here, not in the lifespan: the middleware needs it, and a bad key file should
     # stop the process before it listens.
     app.state.keys = ApiKeys(config.api_keys, config.api_key_file)
+    app.state.drain = DrainState(config.drain_timeout_s)
     install_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=config.max_request_bytes,
+        read_timeout_s=config.body_read_timeout_s,
+    )
     # Inside AccessMiddleware (a refusal is logged and counted), before the body is read.
     app.add_middleware(AuthMiddleware, keys=app.state.keys, protect_metrics=config.protect_metrics)
+    app.add_middleware(DrainMiddleware, state=app.state.drain)
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=config.max_header_bytes)
     app.add_middleware(AccessMiddleware)  # added last: outermost
     _add_routes(app)
     return app
@@ -116,6 +129,9 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/ready", summary="Readiness: 200 when at least one language server is SERVING")
     async def ready(request: Request) -> JSONResponse:
+        if request.app.state.drain.draining:
+            refusal = error_body(503, "the gateway is shutting down", code="server_shutting_down")
+            return JSONResponse({"ready": False, **refusal}, status_code=503)
         pool: BackendPool = request.app.state.pool
         results = await pool.health()
         serving = [h for h in results if h.serving and not h.draining]

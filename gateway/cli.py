@@ -108,6 +108,28 @@ def register(subparsers: Any) -> None:
         "largest HTTP request body, in bytes; larger bodies get 413 before parsing",
     )
     flag(
+        "--max-header-bytes",
+        32 * 1024,
+        "largest request head (all headers), in bytes; larger gets 431",
+    )
+    flag(
+        "--body-read-timeout-s",
+        30.0,
+        "how long a request body may take to arrive; a slower sender gets 408",
+    )
+    flag(
+        "--keep-alive-timeout-s",
+        75.0,
+        "how long idle client connections stay open (keep it above your load balancer's "
+        "idle timeout, 60 s on most)",
+    )
+    flag(
+        "--drain-timeout-s",
+        30.0,
+        "on SIGTERM: /ready and new requests answer 503 (Connection: close) while requests "
+        "in flight get this long to finish",
+    )
+    flag(
         "--max-tokens-limit",
         0,
         "cap on max_tokens a client may ask for, also the default when it asks for none "
@@ -201,6 +223,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_image_pixels=args.max_image_pixels,
         max_images_per_request=args.max_images_per_request,
         max_request_bytes=args.max_request_bytes,
+        max_header_bytes=args.max_header_bytes,
+        body_read_timeout_s=args.body_read_timeout_s,
+        keep_alive_timeout_s=args.keep_alive_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
         max_tokens_limit=args.max_tokens_limit or None,
         request_timeout_s=args.request_timeout_s,
         remote_images=args.remote_images == "on",
@@ -228,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.drain import DrainingServer
 
     try:
         config = config_from_args(args)
@@ -237,12 +264,20 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        access_log=False,  # AccessMiddleware logs one line per request
-        timeout_graceful_shutdown=30,
+    app = create_app(config)
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            access_log=False,  # AccessMiddleware logs one line per request
+            timeout_keep_alive=round(config.keep_alive_timeout_s),
+            # The drain (gateway/drain.py) has already let requests finish: this is the
+            # last word for a connection that still hangs.
+            timeout_graceful_shutdown=5,
+        ),
+        app.state.drain,
     )
+    server.run()
     return 0

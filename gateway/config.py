@@ -73,6 +73,16 @@ class GatewayConfig:
     """Whether /metrics needs a key too (it shows traffic, not content)."""
     health_timeout_s: float = 2.0
     """How long /ready waits for each language server's Health answer."""
+    keep_alive_timeout_s: float = 75.0
+    """How long an idle client connection stays open. Above the idle timeouts of common
+    load balancers (60 s on AWS ALB and GCP), so the balancer, not the gateway, closes
+    idle connections; the other way round it may reuse one the gateway just closed."""
+    body_read_timeout_s: float = 30.0
+    """How long a request body may take to arrive in full; a slower sender gets 408."""
+    max_header_bytes: int = 32 * 1024
+    """Largest request head (all header names and values); larger gets 431."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, how long requests in flight may take to finish (new ones get 503)."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -126,6 +136,7 @@ class GatewayConfig:
             "max_image_pixels",
             "max_images_per_request",
             "max_request_bytes",
+            "max_header_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -139,6 +150,9 @@ class GatewayConfig:
             "health_timeout_s",
             "language_resolve_s",
             "scrape_timeout_s",
+            "keep_alive_timeout_s",
+            "body_read_timeout_s",
+            "drain_timeout_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")

@@ -1,12 +1,14 @@
 """Pure ASGI middleware (streaming- and cancellation-safe, unlike BaseHTTPMiddleware).
 
 `AccessMiddleware` (outermost): request id in and out, in-flight gauge, request metrics and
-one log line per request. `BodyLimitMiddleware`: reads the body under the size limit before
-anything parses it, answering 413 when it is over.
+one log line per request. `HeaderLimitMiddleware`: 431 for oversized request heads.
+`BodyLimitMiddleware`: reads the body under the size and time limits before anything
+parses it, answering 413 or 408.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -103,10 +105,33 @@ def _log(scope: Scope, record: RequestRecord, status: int, seconds: float) -> No
     )
 
 
-class BodyLimitMiddleware:
+class HeaderLimitMiddleware:
+    """431 for a request head over the limit: the HTTP parser's own cap is far larger (and
+    differs between uvicorn's h11 and httptools), and every header is kept per request."""
+
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > self.max_bytes:
+                message = f"request headers are larger than the limit of {self.max_bytes} bytes"
+                body = error_body(431, message, code="request_headers_too_large")
+                await JSONResponse(body, status_code=431)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Reads the whole body first, under a size limit (413) and a time limit (408): a
+    client that sends slowly, or stops halfway, cannot hold a request open for ever."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = 30.0) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,24 +140,20 @@ class BodyLimitMiddleware:
         if _declared_length(scope) > self.max_bytes:
             await self._reject(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                record = scope.get("state", {}).get("record")
-                if record is not None:
-                    record.status = 499  # the client left while sending
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._reject(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                body = await self._read(scope, receive, send)
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.read_timeout_s:g} s"
+            response = JSONResponse(
+                error_body(408, message, code="request_timeout"),
+                status_code=408,
+                headers={"connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
+        if body is None:
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -143,6 +164,27 @@ class BodyLimitMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The body; None when the request was answered (413) or the client left."""
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                record = scope.get("state", {}).get("record")
+                if record is not None:
+                    record.status = 499  # the client left while sending
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body is larger than the limit of {self.max_bytes} bytes"
