@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dvd import __version__
+from gateway.admission import AdmissionMiddleware
 from gateway.auth import ApiKeys, AuthMiddleware
 from gateway.backends import BackendPool
 from gateway.config import GatewayConfig
@@ -84,6 +85,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=config.max_request_bytes,
         read_timeout_s=config.body_read_timeout_s,
+    )
+    # Behind the key check (a caller without a key takes no place), before the body is read
+    # (a queued request holds no body in memory; its read timeout starts once admitted).
+    app.add_middleware(
+        AdmissionMiddleware,
+        paths=frozenset({CHAT_PATH}),
+        max_concurrent=config.max_concurrent_requests,
+        max_queued=config.max_queued_requests,
     )
     # Inside AccessMiddleware (a refusal is logged and counted), before the body is read.
     app.add_middleware(AuthMiddleware, keys=app.state.keys, protect_metrics=config.protect_metrics)

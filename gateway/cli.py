@@ -108,6 +108,16 @@ def register(subparsers: Any) -> None:
         "largest HTTP request body, in bytes; larger bodies get 413 before parsing",
     )
     flag(
+        "--max-concurrent-requests",
+        128,
+        "chat completions served at once; 0: no limit",
+    )
+    flag(
+        "--max-queued-requests",
+        256,
+        "chat completions that may wait for a place; more get 429 with Retry-After",
+    )
+    flag(
         "--max-header-bytes",
         32 * 1024,
         "largest request head (all headers), in bytes; larger gets 431",
@@ -224,6 +234,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_images_per_request=args.max_images_per_request,
         max_request_bytes=args.max_request_bytes,
         max_header_bytes=args.max_header_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_queued_requests=args.max_queued_requests,
         body_read_timeout_s=args.body_read_timeout_s,
         keep_alive_timeout_s=args.keep_alive_timeout_s,
         drain_timeout_s=args.drain_timeout_s,

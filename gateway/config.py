@@ -73,6 +73,10 @@ class GatewayConfig:
     """Whether /metrics needs a key too (it shows traffic, not content)."""
     health_timeout_s: float = 2.0
     """How long /ready waits for each language server's Health answer."""
+    max_concurrent_requests: int = 128
+    """Chat completions served at once; 0: no limit (admission control off)."""
+    max_queued_requests: int = 256
+    """Chat completions that may wait for a place; beyond that 429 with Retry-After."""
     keep_alive_timeout_s: float = 75.0
     """How long an idle client connection stays open. Above the idle timeouts of common
     load balancers (60 s on AWS ALB and GCP), so the balancer, not the gateway, closes
@@ -126,6 +130,9 @@ class GatewayConfig:
         for host in self.allowed_media_domains:
             if not _is_host(host):
                 raise ValueError(f"allowed_media_domains: {host!r} is not a host name")
+        for name in ("max_concurrent_requests", "max_queued_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
         if self.max_image_redirects < 0:
             raise ValueError(
                 f"max_image_redirects: must be at least 0, got {self.max_image_redirects}"

@@ -94,6 +94,17 @@ class GatewayMetrics:
             ["key_id", "status"],
             registry=r,
         )
+        self.admission_wait = Histogram(
+            "dvd_gateway_admission_wait_seconds",
+            "Time a chat completion waited for a place (--max-concurrent-requests).",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.admission_rejected = Counter(
+            "dvd_gateway_admission_rejected_total",
+            "Chat completions refused with 429: every place taken and the queue full.",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "dvd_gateway_requests_in_flight", "Chat completion requests being served.", registry=r
         )

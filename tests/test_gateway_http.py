@@ -169,3 +169,38 @@ def test_sigterm_drains_streams_in_flight_and_turns_new_requests_away(
     assert len(tokens) == 400, chunks[-3:]
     assert process.wait(30) == 0
     assert "draining" in log.read_text()
+
+
+@pytest.mark.gateway_flags("--max-concurrent-requests", "2", "--max-queued-requests", "2")
+def test_beyond_the_admission_limit_a_429_with_retry_after_and_nothing_lost(
+    gateway: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
+    """Eight slow streams at once against 2 places and 2 queue slots: 4 are served (2 at
+    once, 2 after waiting), 4 get 429 at once; no 5xx, nothing hangs."""
+    url, process, _ = gateway
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        body = {**chat("slow"), "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as reply:
+            if reply.status_code == 429:
+                assert reply.headers["retry-after"] == "1"
+                assert json.loads(reply.read())["error"]["code"] == "rate_limit_exceeded"
+            else:
+                for _ in reply.iter_lines():
+                    pass
+            with lock:
+                statuses.append(reply.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(90)
+    assert sorted(statuses) == [200] * 4 + [429] * 4, statuses
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert "dvd_gateway_admission_rejected_total 4.0" in metrics
+    assert "dvd_gateway_admission_wait_seconds_count 4.0" in metrics
+    assert process.poll() is None
