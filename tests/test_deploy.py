@@ -741,6 +741,44 @@ def test_kubernetes_manifests_match_the_cli(overlay: str, tmp_path: Path) -> Non
     assert roles == {"dvd-vision", "dvd-language", "dvd-gateway"}
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_each_tier_reach_only_the_next(overlay: str) -> None:
+    """Rendered: every dvd pod denies ingress by default; the gateway's http port is open;
+    language gRPC only from gateways; vision gRPC only from language servers; and every
+    port a policy names exists on the pods it selects."""
+    docs = rendered_docs(K8S / "overlays" / overlay)
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    pods = {
+        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in docs
+        if d["kind"] == "Deployment"
+    }
+    deny = policies.pop("dvd-default-deny-ingress")
+    assert deny["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "dvd-serve"}
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+
+    def sources(role: str) -> dict[str, set[str]]:
+        """port name -> the components allowed to reach it ("*": anyone)."""
+        spec = policies[f"dvd-{role}-ingress"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == role
+        allowed: dict[str, set[str]] = {}
+        for rule in spec["ingress"]:
+            froms = {
+                peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                for peer in rule.get("from", [])
+            } or {"*"}
+            for port in rule["ports"]:
+                allowed.setdefault(port["port"], set()).update(froms)
+        container = pods[role]["spec"]["template"]["spec"]["containers"][0]
+        named = {p["name"] for p in container["ports"]}
+        assert set(allowed) <= named, (role, allowed, named)
+        return allowed
+
+    assert sources("gateway") == {"http": {"*"}}
+    assert sources("language") == {"grpc": {"gateway"}, "metrics": {"*"}}
+    assert sources("vision") == {"grpc": {"language"}, "metrics": {"*"}}
+
+
 def test_checker_catches_bogus_flags_variables_and_ports(tmp_path: Path) -> None:
     text = COMPOSE.read_text()
     edits = [
