@@ -12,7 +12,6 @@ period.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import threading
@@ -26,6 +25,7 @@ import grpc
 import pytest
 
 from benchmarks.dns_server import DnsServer
+from benchmarks.pool import member_counters
 from benchmarks.systems import Running, free_port, launch
 from dvd.grpc_options import CHANNEL_OPTIONS
 from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
@@ -94,11 +94,8 @@ def start_language(
 
 
 def member_counter(metrics_port: int, name: str) -> dict[str, float]:
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    pattern = rf'^{name}\{{member="([^"]+)"\}} (\S+)$'
-    return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.M)}
+    """A per-member series of the language server, member -> value."""
+    return member_counters(f"http://127.0.0.1:{metrics_port}/metrics", name)
 
 
 def member_tiles(metrics_port: int) -> dict[str, float]:
