@@ -162,7 +162,9 @@ def test_two_members_behind_one_name_share_the_tiles(
         tiny_checkpoint, tmp_path, vision_port, dns, transport, "--vision-routing", "least-loaded"
     )
     try:
-        assert not _send(port, 16, seed=100)
+        # One at a time: with calls overlapping, least-loaded rightly favours whichever
+        # member happens to finish sooner on these two shared cores (a 10/6 split was seen).
+        assert not _send(port, 16, seed=100, workers=1)
         split = shares(member_tiles(metrics_port))
         assert set(split) == {f"127.0.0.2:{vision_port}", f"127.0.0.3:{vision_port}"}
         assert all(0.4 <= share <= 0.6 for share in split.values()), split
@@ -218,7 +220,7 @@ def test_a_member_killed_under_load_then_a_new_one_joins(
     )
     newcomer: Running | None = None
     try:
-        assert not _send(port, 16, seed=300)
+        assert not _send(port, 16, seed=300, workers=1)
         split = shares(member_tiles(metrics_port))
         assert len(split) == 2 and all(0.4 <= s <= 0.6 for s in split.values()), split
 
