@@ -105,6 +105,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(
         parser,
         COMMAND,
+        "--vision-routing",
+        "cache-affine",
+        "which vision replica gets a request: cache-affine (by its first image, so repeats "
+        "hit one encoder cache) or least-loaded",
+    )
+    add_flag(
+        parser,
+        COMMAND,
         "--transport",
         "grpc",
         "how features travel from the vision to the language server: grpc, shm or tcp",
@@ -264,6 +272,7 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
     else:
         pool = ",".join(f"127.0.0.1:{port}" for port in vision_ports)
         language += ["--mode", "dvd", "--vision", pool, "--transport", args.transport]
+        language += ["--vision-routing", args.vision_routing]
     gateway = [
         *dvd,
         "gateway",

@@ -139,7 +139,9 @@ def test_vision_replicas_serve_as_one_pool(tmp_path: Path, tiny_checkpoint: Path
     from dvd.v1 import common_pb2, language_pb2_grpc
     from tests.images import data_url, png_bytes
 
-    stack = start_stack(tiny_checkpoint, tmp_path, "--vision-replicas", "2")
+    stack = start_stack(
+        tiny_checkpoint, tmp_path, "--vision-replicas", "2", "--vision-routing", "least-loaded"
+    )
     try:
         visions = [
             child.cmdline()
@@ -155,7 +157,7 @@ def test_vision_replicas_serve_as_one_pool(tmp_path: Path, tiny_checkpoint: Path
         assert set(info.vision_addresses) == addresses
         api = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0)
         model = api.models.list().data[0].id
-        for seed in range(4):  # one at a time: the idle pool takes turns
+        for seed in range(4):  # one at a time: an idle least-loaded pool takes turns
             image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(448, 448, seed))}}
             reply = api.chat.completions.create(
                 model=model,
