@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from dvd.flags import add_flag
+from dvd.routing import CACHE_AFFINE, LEAST_LOADED
 
 COMMAND = "bench-pool"
 NAME = "vision.bench"
-POLICIES = ("least-loaded", "cache-affine")
+POLICIES = (LEAST_LOADED, CACHE_AFFINE)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

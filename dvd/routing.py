@@ -25,6 +25,10 @@ from typing import TypeVar
 M = TypeVar("M")
 
 LEAST_LOADED = "least-loaded"
+CACHE_AFFINE = "cache-affine"
+VISION_ROUTINGS = (CACHE_AFFINE, LEAST_LOADED)
+"""How a language server picks a vision server: by its first image's hash (bounded by
+load), or the least loaded."""
 DEFAULT_SLACK = 4
 """How many calls a member may be ahead of the least loaded one and still get its keys."""
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dvd.discovery import parse_targets
+from dvd.routing import VISION_ROUTINGS
 from dvd.transport import NAMES as TRANSPORTS
 from dvd.vir_mode import NAMES as VIR_NAMES
 from language_server.engine_args import EngineArgs, check_owned
 
 MODES = ("dvd", "coupled")
-VISION_ROUTINGS = ("cache-affine", "least-loaded")
 
 DTYPES = ("bfloat16", "float16", "float32")
 

@@ -37,7 +37,7 @@ from dvd.encode_session import CallFailed, EncodeCall, EncodeSession
 from dvd.errors import DvdError, InvalidInput, Unavailable
 from dvd.features import wire_dtype
 from dvd.grpc_options import CHANNEL_OPTIONS
-from dvd.routing import LeastLoaded, bounded_affinity
+from dvd.routing import CACHE_AFFINE, VISION_ROUTINGS, LeastLoaded, bounded_affinity
 from dvd.transport import FeatureReceiver, Reception
 from dvd.transport.base import RequestShape
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
@@ -47,9 +47,6 @@ from language_server.metrics import LanguageMetrics
 
 log = logging.getLogger(__name__)
 
-CACHE_AFFINE = "cache-affine"
-LEAST_LOADED = "least-loaded"
-ROUTINGS = (CACHE_AFFINE, LEAST_LOADED)
 DEFAULT_RESOLVE_S = 5.0
 COOLDOWN_S = 5.0
 """How long a member that failed UNAVAILABLE is passed over while others are available."""
@@ -90,8 +87,8 @@ class VisionPool:
         dns_server: str = "",
         metrics: LanguageMetrics | None = None,
     ) -> None:
-        if routing not in ROUTINGS:
-            raise ValueError(f"vision_routing must be one of {ROUTINGS}, not {routing!r}")
+        if routing not in VISION_ROUTINGS:
+            raise ValueError(f"vision_routing must be one of {VISION_ROUTINGS}, not {routing!r}")
         self.dtype = dtype
         self.timeout_s = timeout_s
         self.receiver = receiver
