@@ -18,7 +18,8 @@ def add_flag(
 ) -> None:
     """Adds `flag` with its default read from `DVD_<COMMAND>_<FLAG>`; shows both in --help.
 
-    Boolean flags become `--flag/--no-flag`. A default of None means "string, optional".
+    Boolean flags become `--flag/--no-flag`. A default of None means "optional", a string
+    unless `type=` says otherwise.
     """
     var = env_name(command, flag)
     if isinstance(default, bool):
@@ -31,7 +32,7 @@ def add_flag(
         )
         return
     value = from_env(var, default) if default is not None else _optional(var)
-    kind = type(default) if default is not None else str
+    kind = kwargs.pop("type", None) or (type(default) if default is not None else str)
     parser.add_argument(
         flag, type=kind, default=value, help=f"{help} [env {var}; default {default}]", **kwargs
     )

@@ -17,6 +17,7 @@ import grpc
 import pytest
 import torch
 
+from dvd.deadline import Deadline
 from dvd.encode_session import (
     SESSION_MAX_REQUEST_BYTES,
     CallFailed,
@@ -67,7 +68,7 @@ class ScriptedVision(EncodeServicer):
         self.cancelled: list[str] = []
 
     async def run_call(
-        self, request: vision_pb2.EncodeRequest
+        self, request: vision_pb2.EncodeRequest, deadline: Deadline
     ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
         script = request.images[0].data.decode()
         self.started.append(request.request_id)

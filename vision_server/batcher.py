@@ -5,6 +5,12 @@ holds `max_batch_tiles` tiles or `max_wait_ms` has passed since its first tile a
 splitting a run that does not fit. The ViT runs on a single dedicated thread, so the event
 loop keeps streaming the previous batch's features while the next batch encodes.
 Results go back to each request's own queue as soon as its batch is done.
+
+The queue is bounded in tiles (`max_queued_tiles`, 0: unbounded): a call whose tiles would
+take the queue past the bound is not admitted (`admits`), unless no other call has tiles
+queued, so that a call larger than the bound still runs on an idle server. A call that ends
+early (its deadline passed, its caller left, it failed) withdraws its tiles still queued, so
+they are neither encoded nor counted against the bound.
 """
 
 from __future__ import annotations
@@ -74,13 +80,17 @@ class TileBatcher:
         encode: Callable[[torch.Tensor, bool], TileFeatures],
         max_batch_tiles: int,
         max_wait_ms: float,
+        max_queued_tiles: int = 0,
     ) -> None:
         if max_batch_tiles < 1:
             raise ValueError("max_batch_tiles must be at least 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
+        if max_queued_tiles < 0:
+            raise ValueError("max_queued_tiles must not be negative")
         self._encode = encode
         self.max_batch_tiles = max_batch_tiles
+        self.max_queued_tiles = max_queued_tiles
         self.max_wait_s = max_wait_ms / 1000.0
         self._pending: deque[TileRun] = deque()
         self._arrived = asyncio.Event()
@@ -92,7 +102,32 @@ class TileBatcher:
 
     @property
     def queued_tiles(self) -> int:
-        return sum(run.num_tiles for run in self._pending)
+        """Tiles waiting for a ViT batch (not those being encoded)."""
+        return sum(run.num_tiles for run in self._pending if not run.cancellation.cancelled)
+
+    def queued_by_others(self, call: Cancellation) -> int:
+        """Tiles waiting for a ViT batch that belong to calls other than `call`."""
+        return sum(
+            run.num_tiles
+            for run in self._pending
+            if run.cancellation is not call and not run.cancellation.cancelled
+        )
+
+    def admits(self, call: Cancellation, tiles: int) -> bool:
+        """Whether `tiles` more tiles of `call` may be queued: the queue stays within
+        max_queued_tiles with them, or no other call has tiles queued (a call alone is
+        never refused, however large: it could never run otherwise)."""
+        if not self.max_queued_tiles:
+            return True
+        others = self.queued_by_others(call)
+        return others == 0 or self.queued_tiles + tiles <= self.max_queued_tiles
+
+    def withdraw(self, call: Cancellation) -> int:
+        """Drops `call`'s tiles still waiting for a batch; returns how many there were."""
+        dropped = sum(run.num_tiles for run in self._pending if run.cancellation is call)
+        if dropped:
+            self._pending = deque(run for run in self._pending if run.cancellation is not call)
+        return dropped
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="tile-batcher")

@@ -37,6 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         5.0,
         "how long a batch waits for more tiles after its first arrives",
     )
+    add_flag(
+        parser,
+        COMMAND,
+        "--max-queued-tiles",
+        None,
+        "most tiles waiting for the ViT; a call that would queue more is refused with "
+        "RESOURCE_EXHAUSTED (the language server tries another vision server), unless the "
+        "queue holds no other call's tiles; unset: 8 x --max-batch-tiles; 0: no bound",
+        type=int,
+    )
     add_flag(parser, COMMAND, "--max-images-per-request", 16, "images allowed in one Encode call")
     add_flag(parser, COMMAND, "--max-image-pixels", 40_000_000, "largest image, in pixels")
     add_flag(
@@ -92,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_batch_tiles=args.max_batch_tiles,
         max_wait_ms=args.max_wait_ms,
+        max_queued_tiles=args.max_queued_tiles,
         max_images_per_request=args.max_images_per_request,
         max_image_pixels=args.max_image_pixels,
         max_tiles=args.max_tiles,

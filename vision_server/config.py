@@ -10,6 +10,10 @@ from dvd.vir_mode import NAMES as VIR_NAMES
 
 DTYPES = ("bfloat16", "float16", "float32")
 
+QUEUED_BATCHES = 8
+"""Default bound on queued tiles, in ViT batches: a tile waits at most this many batch
+times, and the pixels held stay bounded (about 2.4 MB per tile in float32)."""
+
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 """Devices the ViT runs on: auto (CUDA when present, else CPU), cpu, cuda, cuda:N."""
 
@@ -23,6 +27,7 @@ class VisionServerConfig:
     dtype: str = "bfloat16"
     max_batch_tiles: int = 32
     max_wait_ms: float = 5.0
+    max_queued_tiles: int | None = None  # None: QUEUED_BATCHES x max_batch_tiles; 0: no bound
     max_images_per_request: int = 16
     max_image_pixels: int = 40_000_000
     max_tiles: int = 0  # 0: the checkpoint's max_dynamic_patch
@@ -39,6 +44,7 @@ class VisionServerConfig:
             "metrics_port": 0 <= self.metrics_port < 65536,
             "max_batch_tiles": self.max_batch_tiles >= 1,
             "max_wait_ms": self.max_wait_ms >= 0,
+            "max_queued_tiles": self.max_queued_tiles is None or self.max_queued_tiles >= 0,
             "max_images_per_request": self.max_images_per_request >= 1,
             "max_image_pixels": self.max_image_pixels >= 1,
             "max_tiles": self.max_tiles >= 0,
@@ -56,6 +62,13 @@ class VisionServerConfig:
         if self.vir_mode not in ("auto", *VIR_NAMES):
             raise ValueError(f"vision server: vir_mode must be auto or one of {VIR_NAMES}")
         parse_transports(self.transport)  # ValueError naming the unknown one
+
+    @property
+    def queued_tiles_bound(self) -> int:
+        """Most tiles waiting for the ViT before calls are refused; 0: no bound."""
+        if self.max_queued_tiles is None:
+            return QUEUED_BATCHES * self.max_batch_tiles
+        return self.max_queued_tiles
 
     @property
     def address(self) -> str:

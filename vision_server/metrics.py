@@ -65,6 +65,28 @@ class VisionMetrics:
             "Bytes of features held by the encoder cache",
             registry=r,
         )
+        self.queued_tiles = Gauge(
+            "dvd_vision_queued_tiles",
+            "Tiles waiting for a ViT batch (bounded by --max-queued-tiles)",
+            registry=r,
+        )
+        self.queue_full = Counter(
+            "dvd_vision_queue_full_total",
+            "Encode calls refused with RESOURCE_EXHAUSTED: their tiles would have taken the "
+            "queue past --max-queued-tiles",
+            registry=r,
+        )
+        self.expired = Counter(
+            "dvd_vision_expired_total",
+            "Encode calls stopped because their deadline passed",
+            registry=r,
+        )
+        self.tiles_dropped = Counter(
+            "dvd_vision_tiles_dropped_total",
+            "Queued tiles dropped unencoded because their call ended first (deadline passed, "
+            "caller left, call failed)",
+            registry=r,
+        )
         self.batch_tiles = Histogram(
             "dvd_vision_batch_tiles",
             "Tiles per ViT batch",

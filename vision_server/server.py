@@ -52,7 +52,9 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
     metrics = VisionMetrics()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
-    batcher = TileBatcher(encoder.encode, config.max_batch_tiles, config.max_wait_ms)
+    batcher = TileBatcher(
+        encoder.encode, config.max_batch_tiles, config.max_wait_ms, config.queued_tiles_bound
+    )
     batcher.start()
     senders = {name: make_sender(name, config) for name in parse_names(config.transport)}
     cache = EncoderCache(config.encoder_cache_mib * 2**20)

@@ -13,7 +13,8 @@ import grpc
 import torch
 
 from dvd import vir_mode
-from dvd.errors import DvdError, InvalidInput, Unavailable
+from dvd.deadline import Deadline
+from dvd.errors import DvdError, InvalidInput, Overloaded, Unavailable
 from dvd.features import torch_dtype
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender, StaleConnection
@@ -75,6 +76,7 @@ class VisionService(EncodeServicer):
         )
         encoder.check_mode(self.default_mode)
         self.sessions = Sessions(self.run_call, metrics.sessions, metrics.session_batch)
+        metrics.queued_tiles.set_function(lambda: batcher.queued_tiles)
         self.ready = True
 
     def close(self) -> None:
@@ -136,9 +138,10 @@ class VisionService(EncodeServicer):
         await self.sessions.drain()
 
     async def run_call(
-        self, request: vision_pb2.EncodeRequest
+        self, request: vision_pb2.EncodeRequest, deadline: Deadline
     ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
-        """One Encode call, whether on its own RPC or on a session; DvdError when it fails."""
+        """One Encode call, whether on its own RPC or on a session; DvdError when it fails.
+        The caller stops it when `deadline` passes; its tiles still queued are dropped."""
         progress = EncodeProgress(started_ns=time.monotonic_ns())
         cancellation = Cancellation()
         emission: Emission | None = None
@@ -154,15 +157,48 @@ class VisionService(EncodeServicer):
             log.info("encode %s rejected: %s", request.request_id, exc.message)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            status = "cancelled"
-            log.info("encode %s cancelled by the caller", request.request_id)
+            status = "deadline_exceeded" if deadline.expired() else "cancelled"
             raise
         finally:
             cancellation.cancelled = True  # tiles still queued are skipped
+            dropped = self.batcher.withdraw(cancellation)
+            self.metrics.tiles_dropped.inc(dropped)
+            if status in ("deadline_exceeded", "cancelled"):
+                self._log_stopped(request.request_id, status, progress, dropped)
             if emission is not None:
                 emission.close()
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(status).inc()
+
+    def _admit(self, call: Cancellation, tiles: int | None) -> None:
+        """Overloaded (RESOURCE_EXHAUSTED) when `tiles` more of the call's tiles (None: an
+        image not tiled yet, so at least one) would take the queue past --max-queued-tiles
+        (see TileBatcher.admits)."""
+        if self.batcher.admits(call, tiles or 1):
+            return
+        self.metrics.queue_full.inc()
+        adds = f"{tiles} more" if tiles else "at least one more"
+        raise Overloaded(
+            f"vision server {self.config.address} is busy: {self.batcher.queued_tiles} tiles "
+            f"are queued for the ViT, the limit is {self.batcher.max_queued_tiles} "
+            f"(--max-queued-tiles), and this call needs {adds}"
+        )
+
+    def _log_stopped(
+        self, request_id: str, status: str, progress: EncodeProgress, dropped: int
+    ) -> None:
+        why = "its deadline passed" if status == "deadline_exceeded" else "the caller cancelled it"
+        if status == "deadline_exceeded":
+            self.metrics.expired.inc()
+        log.info(
+            "encode %s stopped: %s after %.1f ms, %d of %d tiles encoded, %d queued tiles dropped",
+            request_id,
+            why,
+            (time.monotonic_ns() - progress.started_ns) / 1e6,
+            progress.tiles_done,
+            progress.tiles_expected,
+            dropped,
+        )
 
     async def _encode(
         self,
@@ -187,12 +223,14 @@ class VisionService(EncodeServicer):
                 layout = cached.layout
                 sink.put_nowait(EncodedTiles(index, 0, cached.features, 0, 0, 0))
             else:
+                self._admit(cancellation, None)  # a full queue refuses before tiling
                 t0 = time.monotonic_ns()
                 tiled: TiledImage = await loop.run_in_executor(
                     self._preprocess_pool, self.encoder.preprocess, image.data, limits
                 )
                 progress.preprocess_ns += time.monotonic_ns() - t0
                 layout = tiled.layout
+                self._admit(cancellation, layout.num_tiles)
                 run = TileRun(
                     request.request_id,
                     index,
@@ -347,6 +385,7 @@ class VisionService(EncodeServicer):
             device=str(self.encoder.device),
             transport=",".join(self.senders),
             max_batch_tiles=self.batcher.max_batch_tiles,
+            max_queued_tiles=self.batcher.max_queued_tiles,
             max_wait_ms=int(self.config.max_wait_ms),
             max_image_pixels=self.config.max_image_pixels,
             has_router=ckpt.has_router,

@@ -24,14 +24,18 @@ from contextlib import aclosing
 import grpc
 from prometheus_client import Gauge, Histogram
 
+from dvd.deadline import Deadline
 from dvd.errors import DvdError, Overloaded, Unavailable
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-RunCall = Callable[[vision_pb2.EncodeRequest], AsyncGenerator[vision_pb2.EncodeResponse, None]]
-"""Runs one Encode call; raises DvdError when it fails."""
+RunCall = Callable[
+    [vision_pb2.EncodeRequest, Deadline], AsyncGenerator[vision_pb2.EncodeResponse, None]
+]
+"""Runs one Encode call; raises DvdError when it fails. Its caller stops it (cancels it)
+when the deadline passes; the deadline tells it why it was stopped."""
 
 MAX_QUEUED_BYTES = 4 * MAX_CHUNK_BYTES
 """Responses waiting for the writer before calls wait for room (two chunks per message)."""
@@ -147,22 +151,21 @@ class Session:
         if refusal is not None:
             await self.outbox.put(_error(call_id, refusal))
             return
-        timeout_s = timeout_ms / 1000 if timeout_ms else None
-        self.calls[call_id] = asyncio.create_task(self._run(call_id, request, timeout_s))
+        deadline = Deadline.after(timeout_ms / 1000 if timeout_ms else None)
+        self.calls[call_id] = asyncio.create_task(self._run(call_id, request, deadline))
 
     async def _run(
-        self, call_id: int, request: vision_pb2.EncodeRequest, timeout_s: float | None
+        self, call_id: int, request: vision_pb2.EncodeRequest, deadline: Deadline
     ) -> None:
-        deadline = asyncio.timeout(timeout_s)
+        timer = asyncio.timeout(deadline.remaining())
         try:
-            async with deadline, aclosing(self.run_call(request)) as responses:
+            async with timer, aclosing(self.run_call(request, deadline)) as responses:
                 async for response in responses:
                     await self.outbox.put(
                         vision_pb2.SessionResponse(call_id=call_id, response=response)
                     )
         except TimeoutError as exc:
-            if deadline.expired():
-                log.info("encode %s ran out of its %.1f s", request.request_id, timeout_s or 0)
+            if timer.expired():
                 error = DvdError(
                     "the call's timeout passed", code=grpc.StatusCode.DEADLINE_EXCEEDED
                 )
@@ -244,15 +247,17 @@ class EncodeServicer(vision_pb2_grpc.VisionServiceServicer, ABC):
 
     @abstractmethod
     def run_call(
-        self, request: vision_pb2.EncodeRequest
+        self, request: vision_pb2.EncodeRequest, deadline: Deadline
     ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
-        """One call's responses; raises DvdError when it fails."""
+        """One call's responses; raises DvdError when it fails. The caller cancels it once
+        `deadline` passes (a session's timer, or gRPC's for an Encode RPC)."""
 
     async def Encode(
         self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vision_pb2.EncodeResponse]:
+        deadline = Deadline.of_context(context)  # gRPC cancels this handler once it passes
         try:
-            async with aclosing(self.run_call(request)) as responses:
+            async with aclosing(self.run_call(request, deadline)) as responses:
                 async for response in responses:
                     yield response
         except DvdError as exc:

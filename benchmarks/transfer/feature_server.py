@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from benchmarks.transfer.ceilings import COLD_BYTES
+from dvd.deadline import Deadline
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.grpc_server import bind, new_server
 from dvd.transport import DESTINATION_KINDS, FeatureSender, parse_names, sender_class
@@ -51,7 +52,7 @@ class FeatureServer(EncodeServicer):
         return self._cold[start : start + rows]
 
     async def run_call(
-        self, request: vision_pb2.EncodeRequest
+        self, request: vision_pb2.EncodeRequest, deadline: Deadline
     ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
         tiles, hidden = (int(x) for x in request.images[0].data.decode().split("x"))
         rows = self._rows(tiles, hidden)
