@@ -107,7 +107,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(parser, COMMAND, "--max-num-seqs", 64, "most sequences vLLM batches at once")
     add_engine_flags(parser, COMMAND)
     add_flag(parser, COMMAND, "--max-images-per-request", 16, "images allowed in one request")
-    add_flag(parser, COMMAND, "--vision-timeout-s", 120.0, "deadline of one Encode call")
+    add_flag(
+        parser,
+        COMMAND,
+        "--max-waiting-requests",
+        None,
+        "most requests waiting for their first token (encoding, queued in vLLM, in prefill); "
+        "one more is refused with RESOURCE_EXHAUSTED (the gateway tries another language "
+        "server or answers 429); unset: 2 x --max-num-seqs; 0: no bound",
+        type=int,
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--vision-timeout-s",
+        120.0,
+        "deadline of one Encode call (less when the request's own deadline is nearer)",
+    )
     add_flag(parser, COMMAND, "--vision-device", "auto", "coupled mode: torch device of the ViT")
     add_flag(parser, COMMAND, "--max-batch-tiles", 32, "coupled mode: most tiles in one ViT batch")
     add_flag(
@@ -224,6 +240,7 @@ def config_from_args(args: argparse.Namespace) -> LanguageServerConfig:
         enforce_eager=args.enforce_eager,
         engine_args=parse_engine_args(args.engine_arg),
         max_images_per_request=args.max_images_per_request,
+        max_waiting_requests=args.max_waiting_requests,
         vision_timeout_s=args.vision_timeout_s,
         vision_device=args.vision_device,
         max_batch_tiles=args.max_batch_tiles,

@@ -14,6 +14,10 @@ MODES = ("dvd", "coupled")
 
 DTYPES = ("bfloat16", "float16", "float32")
 
+WAITING_PER_SEQ = 2
+"""Default bound on waiting requests, per --max-num-seqs: one full batch waiting behind the
+one running, and as many again encoding or in prefill."""
+
 
 @dataclass(frozen=True)
 class LanguageServerConfig:
@@ -42,6 +46,9 @@ class LanguageServerConfig:
     enforce_eager: bool = True  # False: CUDA graphs / torch.compile (slower start)
     engine_args: EngineArgs = ()  # any other vLLM engine argument, as (name, value) pairs
     max_images_per_request: int = 16
+    # Requests admitted that have no token yet (encoding, queued in vLLM, in prefill); one
+    # more is refused with RESOURCE_EXHAUSTED. None: WAITING_PER_SEQ x max_num_seqs; 0: none.
+    max_waiting_requests: int | None = None
     vision_timeout_s: float = 120.0
     # Coupled mode only: where and how the in-process ViT runs.
     vision_device: str = "auto"
@@ -92,6 +99,8 @@ class LanguageServerConfig:
             "pipeline_parallel_size": self.pipeline_parallel_size >= 1,
             "max_num_batched_tokens": self.max_num_batched_tokens >= 0,
             "max_images_per_request": self.max_images_per_request >= 1,
+            "max_waiting_requests": self.max_waiting_requests is None
+            or self.max_waiting_requests >= 0,
             "vision_timeout_s": self.vision_timeout_s > 0,
             "max_batch_tiles": self.max_batch_tiles >= 1,
             "max_image_pixels": self.max_image_pixels >= 1,
@@ -119,6 +128,13 @@ class LanguageServerConfig:
                 "language server: kv_cache_gib is 0, so gpu_memory_utilization must be in "
                 "(0, 1] (e.g. --gpu-memory-utilization 0.9) to size the KV cache"
             )
+
+    @property
+    def waiting_bound(self) -> int:
+        """Most requests waiting for their first token; 0: no bound."""
+        if self.max_waiting_requests is None:
+            return WAITING_PER_SEQ * self.max_num_seqs
+        return self.max_waiting_requests
 
     @property
     def address(self) -> str:

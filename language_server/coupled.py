@@ -13,7 +13,10 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from dvd.errors import InvalidInput
+import grpc
+
+from dvd.deadline import Deadline
+from dvd.errors import DvdError, InvalidInput
 from dvd.vir_mode import VirMode
 from language_server.image_features import EncodedImages
 from vision_server.encoder import TilingLimits, VisionEncoder
@@ -53,7 +56,11 @@ class CoupledVision:
         return result
 
     async def encode(
-        self, request_id: str, images: list[bytes], mode: VirMode | None = None
+        self,
+        request_id: str,
+        images: list[bytes],
+        mode: VirMode | None = None,
+        deadline: Deadline = Deadline(),
     ) -> EncodedImages:
         mode = mode or self.default_mode
         self.encoder.check_mode(mode)
@@ -61,6 +68,11 @@ class CoupledVision:
         loop = asyncio.get_running_loop()
 
         def timed() -> EncodedImages:
+            if deadline.expired():  # it waited for the worker past its deadline
+                raise DvdError(
+                    "the request's deadline passed before its images were encoded",
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
             started = time.monotonic_ns()
             result = self._encode_all(images, mode)
             result.queue_ns = started - queued

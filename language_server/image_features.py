@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from dvd.deadline import Deadline
 from dvd.vir_mode import VirMode
 
 
@@ -30,9 +31,14 @@ class FeatureSource(Protocol):
     """Turns a request's images into features."""
 
     async def encode(
-        self, request_id: str, images: list[bytes], mode: VirMode | None = None
+        self,
+        request_id: str,
+        images: list[bytes],
+        mode: VirMode | None = None,
+        deadline: Deadline = Deadline(),
     ) -> EncodedImages:
-        """mode None: the source's default (the vision server's, or --vir-mode in coupled)."""
+        """mode None: the source's default (the vision server's, or --vir-mode in coupled);
+        the encode ends by `deadline` (DvdError DEADLINE_EXCEEDED otherwise)."""
         ...
 
     async def start(self) -> None:

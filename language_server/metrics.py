@@ -7,9 +7,10 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-OUTCOMES = ("ok", "retried", "error")
-"""Encode call outcomes per vision member: retried means it failed UNAVAILABLE and
-the request went to another member."""
+OUTCOMES = ("ok", "retried", "busy", "error")
+"""Encode call outcomes per vision member: retried means it failed UNAVAILABLE and the
+request was tried again; busy means it refused the request (RESOURCE_EXHAUSTED, its queue
+was full) and the request went to another member or was refused."""
 STAGES = ("queue", "preprocess", "encode", "transfer", "prompt", "prefill", "decode", "total")
 
 
@@ -22,6 +23,26 @@ class LanguageMetrics:
         )
         self.in_flight = Gauge(
             "dvd_language_requests_in_flight", "Generate calls in progress", registry=r
+        )
+        self.waiting = Gauge(
+            "dvd_language_requests_waiting",
+            "Generate calls that have no token yet: encoding, in the LLM's queue or in "
+            "prefill (bounded by --max-waiting-requests)",
+            registry=r,
+        )
+        self.refused = Counter(
+            "dvd_language_refused_total",
+            "Generate calls refused with RESOURCE_EXHAUSTED, by reason: waiting "
+            "(--max-waiting-requests reached), vision (every vision server's queue was full)",
+            ["reason"],
+            registry=r,
+        )
+        self.expired = Counter(
+            "dvd_language_expired_total",
+            "Generate calls stopped because their deadline passed (the LLM request aborted), "
+            "by stage: waiting (before the first token) or decoding",
+            ["stage"],
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "dvd_language_prompt_tokens_total", "Prompt tokens", registry=r

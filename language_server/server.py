@@ -16,6 +16,7 @@ from dvd.features import parse_dtype
 from dvd.grpc_server import bind, new_server, serve_until_signal
 from dvd.transport import FeatureReceiver, receiver_class
 from dvd.v1 import language_pb2_grpc
+from language_server.admission import WaitingRoom
 from language_server.chat_prompt import PromptBuilder
 from language_server.config import LanguageServerConfig
 from language_server.engine import EngineSettings, LlmEngine
@@ -146,7 +147,8 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
         max_images_per_request=config.max_images_per_request,
         mode=config.mode,
     )
-    service = LanguageService(limits, builder, engine, vision, metrics)
+    waiting = WaitingRoom(config.waiting_bound, metrics.waiting, metrics.refused.labels("waiting"))
+    service = LanguageService(limits, builder, engine, vision, metrics, waiting)
     server = new_server()
     language_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
     bind(server, config.address)

@@ -6,14 +6,17 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
 
 from dvd import vir_mode
+from dvd.deadline import Deadline
 from dvd.errors import DvdError, InvalidInput
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from language_server.admission import Place, WaitingRoom
 from language_server.chat_prompt import Prompt, PromptBuilder
 from language_server.engine import LlmEngine, Sampling
 from language_server.image_features import EncodedImages, FeatureSource
@@ -38,34 +41,64 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
         engine: LlmEngine,
         vision: FeatureSource,
         metrics: LanguageMetrics,
+        waiting: WaitingRoom | None = None,
     ) -> None:
         self.limits = limits
         self.builder = builder
         self.engine = engine
         self.vision = vision
         self.metrics = metrics
+        self.waiting = waiting or WaitingRoom(0, metrics.waiting, metrics.refused.labels("waiting"))
         self._ids = itertools.count()
         self.ready = True
 
     async def Generate(
         self, request: language_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[language_pb2.GenerateResponse]:
+        """One request. It waits (counted against --max-waiting-requests) until its first
+        token; gRPC cancels it when its deadline passes, which aborts the LLM request and
+        the encode still running."""
+        deadline = Deadline.of_context(context)
+        started = time.monotonic()
         self.metrics.in_flight.inc()
         status = "ok"
+        place: Place | None = None
         try:
-            async for message in self._generate(request):
-                yield message
+            place = self.waiting.enter(request.request_id)
+            async with aclosing(self._generate(request, deadline)) as messages:
+                async for message in messages:
+                    place.leave()  # tokens flow: it decodes, it no longer waits
+                    yield message
         except DvdError as exc:
             status = exc.code.name.lower()
+            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._expired(request.request_id, place, started)
             log.info("request %s failed: %s", request.request_id, exc.message)
             await context.abort(exc.code, exc.message)
         except asyncio.CancelledError:
-            status = "cancelled"
-            log.info("request %s cancelled by the caller", request.request_id)
+            if deadline.expired():
+                status = "deadline_exceeded"
+                self._expired(request.request_id, place, started)
+            else:
+                status = "cancelled"
+                log.info("request %s cancelled by the caller", request.request_id)
             raise
         finally:
+            if place is not None:
+                place.leave()
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(status).inc()
+
+    def _expired(self, request_id: str, place: Place | None, started: float) -> None:
+        stage = "waiting" if place is None or place.waiting else "decoding"
+        self.metrics.expired.labels(stage).inc()
+        log.info(
+            "request %s: its deadline passed after %.1f s while %s; stopped (LLM request "
+            "aborted, encode cancelled)",
+            request_id,
+            time.monotonic() - started,
+            "waiting for its first token" if stage == "waiting" else "decoding",
+        )
 
     def _images(self, request: language_pb2.GenerateRequest) -> list[bytes]:
         images = [
@@ -82,8 +115,8 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
         return images
 
     async def _generate(
-        self, request: language_pb2.GenerateRequest
-    ) -> AsyncIterator[language_pb2.GenerateResponse]:
+        self, request: language_pb2.GenerateRequest, deadline: Deadline
+    ) -> AsyncGenerator[language_pb2.GenerateResponse, None]:
         started = time.monotonic_ns()
         images = self._images(request)
         try:
@@ -92,7 +125,7 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             raise InvalidInput(str(exc)) from None
         # Features are on their way while the text is templated and tokenised.
         encoding = (
-            asyncio.create_task(self.vision.encode(request.request_id, images, mode))
+            asyncio.create_task(self.vision.encode(request.request_id, images, mode, deadline))
             if images
             else None
         )

@@ -15,7 +15,14 @@ when its bytes travel inside the stream (grpc), on an Encode RPC of its own. A r
 member fails with UNAVAILABLE (the process is gone, or restarted and forgot us) is retried
 once on another member, also when some of its features had arrived: none of them is used
 before the request is done. That member then sits out COOLDOWN_S while others are
-available. The transport's receiver (dvd.transport) prepares where the
+available. A member that refuses a request with RESOURCE_EXHAUSTED (its tile queue is full)
+is alive and only busy: the request moves on to a member not tried yet, the busy one is
+passed over for BUSY_BACKOFF_S while others are available, and when every member has
+refused, the request fails with RESOURCE_EXHAUSTED (the gateway then answers 429).
+
+Every call gets the smaller of `timeout_s` and what is left of the request's deadline (the
+incoming Generate call's), across retries, as its gRPC deadline: the vision server stops
+work nobody will wait for. The transport's receiver (dvd.transport) prepares where the
 features land; its memory is released once the prompt has been assembled from them
 (EncodedImages.release).
 """
@@ -26,15 +33,16 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import grpc
 import torch
 
 from dvd import vir_mode
+from dvd.deadline import Deadline
 from dvd.discovery import Members, make_resolver, parse_targets
 from dvd.encode_session import CallFailed, EncodeCall, EncodeSession
-from dvd.errors import DvdError, InvalidInput, Unavailable
+from dvd.errors import DvdError, InvalidInput, Overloaded, Unavailable
 from dvd.features import wire_dtype
 from dvd.grpc_options import CHANNEL_OPTIONS
 from dvd.routing import CACHE_AFFINE, VISION_ROUTINGS, LeastLoaded, bounded_affinity
@@ -50,6 +58,9 @@ log = logging.getLogger(__name__)
 DEFAULT_RESOLVE_S = 5.0
 COOLDOWN_S = 5.0
 """How long a member that failed UNAVAILABLE is passed over while others are available."""
+BUSY_BACKOFF_S = 1.0
+"""How long a member that refused a request (RESOURCE_EXHAUSTED: its queue is full) is
+passed over while others are available: a few ViT batches, time for its queue to drain."""
 QUARANTINE_S = 30.0
 """How long the memory of a request cut off halfway is held before it is reused."""
 
@@ -66,6 +77,8 @@ class VisionServer:
         self.connection: str | None = None  # the transport's connection id, once attached
         self.unavailable_until = 0.0
         """time.monotonic() before which requests avoid it (it just failed UNAVAILABLE)."""
+        self.busy_until = 0.0
+        """time.monotonic() before which requests avoid it (it just refused one: busy)."""
 
     async def close(self) -> None:
         await self.session.close()
@@ -122,14 +135,17 @@ class VisionPool:
         """The members new requests may go to."""
         return list(self.members.active.values())
 
-    def _pick(self, key: bytes, exclude: VisionServer | None = None) -> VisionServer:
+    def _pick(self, key: bytes, exclude: Collection[VisionServer] = ()) -> VisionServer:
+        """The member for a request among those not in `exclude` (all, if every member is),
+        preferring members that did not just fail or refuse one."""
         servers = self.servers
         if not servers:
             self.members.refresh_soon()
             raise Unavailable("no vision server is known: the pool's names resolve to nothing")
-        candidates = [s for s in servers if s is not exclude] or servers
+        candidates = [s for s in servers if s not in exclude] or servers
         now = time.monotonic()
         candidates = [s for s in candidates if s.unavailable_until <= now] or candidates
+        candidates = [s for s in candidates if s.busy_until <= now] or candidates
         if self.routing == CACHE_AFFINE:
             return bounded_affinity(
                 candidates, key, lambda s: s.address, lambda s: s.images_in_flight
@@ -137,7 +153,11 @@ class VisionPool:
         return self._least_loaded.pick(candidates, lambda s: s.images_in_flight)
 
     async def encode(
-        self, request_id: str, images: list[bytes], mode: VirMode | None = None
+        self,
+        request_id: str,
+        images: list[bytes],
+        mode: VirMode | None = None,
+        deadline: Deadline = Deadline(),
     ) -> EncodedImages:
         await self.start()
         request = vision_pb2.EncodeRequest(
@@ -148,26 +168,46 @@ class VisionPool:
         )
         # The first image anchors a conversation: later turns resend it (and add more).
         key = hashlib.blake2b(images[0] if images else b"", digest_size=16).digest()
+        tried: list[VisionServer] = []
+        refusals: list[str] = []
+        unavailable = 0
         server = self._pick(key)
-        try:
-            return await self._encode_on(server, request)
-        except _RetryableError:
-            self.metrics.vision_calls.labels(server.address, "retried").inc()
-            self.members.refresh_soon()  # its pod may be gone or replaced
-            # Another server if there is one; a lone server gets one more try (it may
-            # have just restarted, and the retry connects afresh).
-            other = self._pick(key, exclude=server)
-            log.warning(
-                "request %s: vision server %s unavailable, retrying on %s",
-                request_id,
-                server.address,
-                other.address,
-            )
+        while True:
+            tried.append(server)
             try:
-                return await self._encode_on(other, request)
+                return await self._encode_on(server, request, deadline)
             except _RetryableError:
-                self.metrics.vision_calls.labels(other.address, "retried").inc()
-                raise Unavailable("no vision server is available") from None
+                self.metrics.vision_calls.labels(server.address, "retried").inc()
+                self.members.refresh_soon()  # its pod may be gone or replaced
+                unavailable += 1
+                if unavailable > 1:
+                    raise Unavailable("no vision server is available") from None
+                # Another server if there is one; a lone server gets one more try (it may
+                # have just restarted, and the retry connects afresh).
+                other = self._pick(key, exclude=tried)
+                log.warning(
+                    "request %s: vision server %s unavailable, retrying on %s",
+                    request_id,
+                    server.address,
+                    other.address,
+                )
+            except _Busy as busy:
+                self.metrics.vision_calls.labels(server.address, "busy").inc()
+                server.busy_until = time.monotonic() + BUSY_BACKOFF_S
+                refusals.append(busy.details)
+                if all(s in tried for s in self.servers):
+                    self.metrics.refused.labels("vision").inc()
+                    raise Overloaded(
+                        "no vision server has room for the request: " + "; ".join(refusals)
+                    ) from None
+                other = self._pick(key, exclude=tried)
+                log.info(
+                    "request %s: vision server %s is busy, trying %s",
+                    request_id,
+                    server.address,
+                    other.address,
+                )
+            server = other
 
     async def _connection(self, server: VisionServer) -> str:
         """The transport's connection to `server`, made before its first request."""
@@ -185,8 +225,14 @@ class VisionPool:
         return server.connection
 
     async def _encode_on(
-        self, server: VisionServer, request: vision_pb2.EncodeRequest
+        self, server: VisionServer, request: vision_pb2.EncodeRequest, deadline: Deadline
     ) -> EncodedImages:
+        timeout_s = deadline.cap(self.timeout_s)
+        if timeout_s <= 0:
+            raise DvdError(
+                "the request's deadline passed before its images were encoded",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
         count = len(request.images)
         shape = RequestShape(
             request.request_id,
@@ -205,9 +251,9 @@ class VisionPool:
         call: EncodeCall | None = None
         progress = _Progress()
         try:
-            async with asyncio.timeout(self.timeout_s):
-                call = await server.session.call(request, self.timeout_s)
-                encoded = await self._receive(call, server.address, reception, progress)
+            async with asyncio.timeout(timeout_s):
+                call = await server.session.call(request, timeout_s)
+                encoded = await self._receive(call, server.address, reception, progress, timeout_s)
         except CallFailed as exc:
             restarted = exc.code in (
                 grpc.StatusCode.UNAVAILABLE,  # it is gone, or on its way back
@@ -226,14 +272,25 @@ class VisionPool:
                 server.connection = None  # connect afresh before the next request
                 server.unavailable_until = time.monotonic() + COOLDOWN_S
                 raise _RetryableError() from None
+            if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy, not broken
+                if progress.started:  # refused after some images were planned
+                    self._quarantine(reception)
+                else:
+                    reception.release()
+                raise _Busy(exc.details or f"vision server {server.address} is busy") from None
             reception.release()
             self.metrics.vision_calls.labels(server.address, "error").inc()
             raise _from_call_error(exc, server.address) from None
         except TimeoutError:
             self.metrics.vision_calls.labels(server.address, "error").inc()
             reception.release()
+            limit = (
+                f"--vision-timeout-s {self.timeout_s:g}"
+                if timeout_s >= self.timeout_s
+                else "the request's deadline"
+            )
             raise DvdError(
-                f"vision server {server.address} did not finish within {self.timeout_s:.0f} s",
+                f"vision server {server.address} did not finish within {timeout_s:.1f} s ({limit})",
                 code=grpc.StatusCode.DEADLINE_EXCEEDED,
             ) from None
         except ValueError as exc:  # the transport refused what the server sent
@@ -250,7 +307,7 @@ class VisionPool:
             if call is not None:
                 call.cancel()  # no-op when finished; stops the encode when we gave up
         encoded.release = reception.release
-        server.unavailable_until = 0.0
+        server.unavailable_until = server.busy_until = 0.0
         self.metrics.vision_calls.labels(server.address, "ok").inc()
         return encoded
 
@@ -260,6 +317,7 @@ class VisionPool:
         address: str,
         reception: Reception,
         progress: _Progress,
+        timeout_s: float,
     ) -> EncodedImages:
         plans: dict[int, list[int]] = {}
         first_ns = last_ns = 0
@@ -274,7 +332,7 @@ class VisionPool:
             elif kind == "chunk":
                 reception.on_chunk(message.chunk)
             elif kind == "done":
-                await reception.settle(self.timeout_s)
+                await reception.settle(timeout_s)
                 self.metrics.vision_tiles.labels(address).inc(message.done.num_tiles)
                 self.metrics.vision_cache_hits.labels(address).inc(message.done.images_from_cache)
                 timings = message.done.timings
@@ -332,6 +390,14 @@ class _Progress:
 
 class _RetryableError(Exception):
     """The server could not be reached before it sent anything."""
+
+
+class _Busy(Exception):
+    """The server refused the request (RESOURCE_EXHAUSTED): its queue is full."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self.details = details
 
 
 def _from_call_error(exc: CallFailed, address: str) -> Exception:
