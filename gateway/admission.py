@@ -18,10 +18,8 @@ import time
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import error_body
+from gateway.errors import RETRY_AFTER_S, error_body
 from gateway.metrics import GatewayMetrics
-
-RETRY_AFTER_S = 1
 
 
 class AdmissionMiddleware:

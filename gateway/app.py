@@ -48,7 +48,7 @@ from gateway.serving import create_chat_completion, served_model
 logger = logging.getLogger("dvd.gateway")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)
 }
 
 

@@ -14,8 +14,12 @@ UNAVAILABLE (for COOLDOWN_S), or whose last Health was not SERVING, are passed o
 every member is.
 
 Retries: a Generate call that fails with UNAVAILABLE before its first message is tried on a
-member not yet tried (each member once). Once a message has arrived, nothing is retried:
-the client may already have seen tokens.
+member not yet tried (each member once). So is one that a member refuses with
+RESOURCE_EXHAUSTED (its waiting requests, or its vision servers' queues, are at their
+limits): that member is alive, so it is passed over for BUSY_BACKOFF_S only, not the
+cooldown of a member that is gone; when every member has refused, the client gets 429
+(gateway.errors.from_grpc). Once a message has arrived, nothing is retried: the client may
+already have seen tokens. Every try gets what is left of the request's one deadline.
 
 Health: every `resolve_s` (and on each /ready) the pool asks every member's Health; the
 gateway can serve while at least one member is SERVING.
@@ -45,6 +49,10 @@ logger = logging.getLogger("dvd.gateway")
 INFO_TIMEOUT_S = 5.0
 COOLDOWN_S = 5.0
 """How long a member that answered UNAVAILABLE is passed over when others are available."""
+BUSY_BACKOFF_S = 1.0
+"""How long a member that refused a call (RESOURCE_EXHAUSTED) is passed over when others
+are available: it is busy, not gone."""
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 TIER = "language"
 
 
@@ -58,6 +66,8 @@ class Backend:
     outstanding: int = 0
     unavailable_until: float = 0.0
     """time.monotonic() before which routing avoids this member."""
+    busy_until: float = 0.0
+    """time.monotonic() before which routing avoids this member: it just refused a call."""
     serving: bool | None = None
     """Its last Health answer (None before the first): routing avoids a degraded member."""
 
@@ -154,6 +164,7 @@ class BackendPool:
         candidates = [b for b in members if b.address not in exclude] or members
         now = time.monotonic()
         candidates = [b for b in candidates if b.unavailable_until <= now] or candidates
+        candidates = [b for b in candidates if b.busy_until <= now] or candidates
         candidates = [b for b in candidates if b.serving is not False] or candidates
         if key is not None:
             return bounded_affinity(candidates, key, _address, _load)
@@ -167,8 +178,10 @@ class BackendPool:
         metadata: Sequence[tuple[str, str]] = (),
         on_backend: Callable[[str], None] | None = None,
     ) -> AsyncGenerator[language_pb2.GenerateResponse, None]:
-        """Messages of one Generate call. Closing the iterator cancels the call."""
+        """Messages of one Generate call, which ends within `timeout_s` (tries included).
+        Closing the iterator cancels the call."""
         key = conversation_key(request) if self.routing == PREFIX_AFFINE else None
+        deadline = time.monotonic() + timeout_s
         tried: set[str] = set()
         while True:
             backend = self.pick(tried, key)
@@ -176,25 +189,26 @@ class BackendPool:
             if on_backend is not None:
                 on_backend(backend.address)
             self._count(backend, +1)
-            call = backend.stub.Generate(request, timeout=timeout_s, metadata=tuple(metadata))
+            remaining = max(deadline - time.monotonic(), 0.0)
+            call = backend.stub.Generate(request, timeout=remaining, metadata=tuple(metadata))
             try:
                 try:
                     message = await call.read()
                 except grpc.aio.AioRpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    if error.code() not in RETRIED:
                         raise
-                    backend.unavailable_until = time.monotonic() + COOLDOWN_S
-                    self.refresh_soon()  # its pod may be gone or replaced
+                    self._set_aside(backend, error)
                     if any(b.address not in tried for b in self.backends):
                         logger.warning(
-                            "request %s: %s unavailable (%s); trying another language server",
+                            "request %s: %s %s (%s); trying another language server",
                             request.request_id,
                             backend.address,
+                            "unavailable" if error.code() == RETRIED[0] else "busy",
                             error.details(),
                         )
                         continue
                     raise
-                backend.unavailable_until = 0.0
+                backend.unavailable_until = backend.busy_until = 0.0
                 while message is not grpc.aio.EOF:
                     yield message
                     message = await call.read()
@@ -202,6 +216,17 @@ class BackendPool:
             finally:
                 call.cancel()  # a no-op once the call has finished
                 self._count(backend, -1)
+
+    def _set_aside(self, backend: Backend, error: grpc.aio.AioRpcError) -> None:
+        """Routing passes over a member that failed a call for a while: a busy one briefly,
+        one that is unavailable (gone, restarting) for longer."""
+        if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            backend.busy_until = time.monotonic() + BUSY_BACKOFF_S
+            if self._metrics is not None:
+                self._metrics.member_refusals.labels(backend.address).inc()
+            return
+        backend.unavailable_until = time.monotonic() + COOLDOWN_S
+        self.refresh_soon()  # its pod may be gone or replaced
 
     def _count(self, backend: Backend, change: int) -> None:
         backend.outstanding += change

@@ -148,7 +148,9 @@ def register(subparsers: Any) -> None:
     flag(
         "--request-timeout-s",
         600.0,
-        "deadline of one generation on the language server, in seconds (504 when passed)",
+        "longest a chat completion may take, in seconds: the gRPC deadline through language "
+        "and vision servers (504 when passed); a client's X-Request-Timeout, or the openai "
+        "client's timeout on a non-streamed request, may make it shorter",
     )
     flag(
         "--remote-images",

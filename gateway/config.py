@@ -50,7 +50,9 @@ class GatewayConfig:
     max_tokens_limit: int | None = None
     """Cap on max_tokens a client may ask for (and the default when it asks for none)."""
     request_timeout_s: float = 600.0
-    """Deadline of one Generate call on the language server."""
+    """Longest a chat completion may take: the Generate call's gRPC deadline, which the
+    language server passes on to its vision calls. A client's own timeout may make it
+    shorter (gateway.deadline)."""
     remote_images: bool = True
     """Whether http(s) image URLs are fetched (as vLLM does), under gateway.media_guard's
     rules; off, only data: URLs are accepted."""

@@ -23,6 +23,9 @@ from gateway.protocol import ErrorDetail, ErrorResponse
 logger = logging.getLogger("dvd.gateway")
 
 REQUEST_ID_HEADER = "x-request-id"
+RETRY_AFTER_S = 1
+"""What 429s (the gateway's own limit, a busy language server) and 503s while draining tell
+clients to wait before retrying; the official openai clients honour it."""
 
 
 class ApiError(Exception):
@@ -36,6 +39,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -43,6 +47,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type or error_type(status)
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return error_body(
@@ -81,14 +86,25 @@ def error_body(
 
 
 def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    headers = dict(error.headers)
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def from_grpc(error: grpc.aio.AioRpcError, address: str | None = None) -> ApiError:
-    """A language server's gRPC status as an ApiError; the message is the backend's details."""
+    """A language server's gRPC status as an ApiError; the message is the backend's details.
+    RESOURCE_EXHAUSTED (every language server tried was busy) is a 429 the client may retry
+    after RETRY_AFTER_S, like the gateway's own limit."""
     code = error.code()
     details = error.details() or code.name
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ApiError(
+            429,
+            f"{details}; retry after {RETRY_AFTER_S} s",
+            code="rate_limit_exceeded",
+            headers={"retry-after": str(RETRY_AFTER_S)},
+        )
     where = (
         f"language server {address}: " if address and code == grpc.StatusCode.UNAVAILABLE else ""
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from dvd.v1 import language_pb2
+from gateway.deadline import RequestDeadline
 
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
@@ -42,6 +43,8 @@ class RequestRecord:
     first_token_at: float | None = None
     last_token_at: float | None = None
     timings: language_pb2.StageTimings | None = None
+    deadline: RequestDeadline | None = None
+    """The Generate call's deadline, once serving has worked it out."""
 
     def tokens_arrived(self, count: int) -> None:
         now = time.perf_counter()
@@ -154,6 +157,20 @@ class GatewayMetrics:
             ["member"],
             registry=r,
         )
+        self.member_refusals = Counter(
+            "dvd_gateway_member_refusals_total",
+            "Generate calls a language server refused with RESOURCE_EXHAUSTED (busy): the "
+            "call went to another member, or the client got 429.",
+            ["member"],
+            registry=r,
+        )
+        self.timeouts = Counter(
+            "dvd_gateway_timeouts_total",
+            "Chat completions stopped by their deadline (504, or an SSE error event), by the "
+            "limit that set it: server (--request-timeout-s) or client (its timeout header).",
+            ["limit"],
+            registry=r,
+        )
         self.healthy_members = Gauge(
             "dvd_gateway_healthy_members",
             "Pool members whose last Health answer was SERVING, per tier.",
@@ -171,6 +188,8 @@ class GatewayMetrics:
         """Observes one finished chat completion request."""
         self.requests.labels(status=str(status)).inc()
         self.request_seconds.observe(seconds)
+        if status == 504 and record.deadline is not None:  # 504: a deadline passed
+            self.timeouts.labels(limit=record.deadline.source).inc()
         if record.key_id:
             self.key_requests.labels(key_id=record.key_id, status=str(status)).inc()
         ttft, tpot = record.ttft_s(), record.tpot_s()
@@ -186,7 +205,7 @@ class GatewayMetrics:
 
     def member_left(self, address: str) -> None:
         """Drops a departed member's series, so dashboards do not show it forever."""
-        for metric in (self.member_calls, self.member_outstanding):
+        for metric in (self.member_calls, self.member_outstanding, self.member_refusals):
             with contextlib.suppress(KeyError):  # it never got a call
                 metric.remove(address)
 

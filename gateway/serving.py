@@ -2,13 +2,17 @@
 
 Errors before the first byte of the response are HTTP errors; once an SSE stream has begun,
 an error becomes a `data: {"error": {...}}` event and the stream ends. A client that goes
-away cancels the Generate call (the language server then aborts the LLM request).
+away cancels the Generate call (the language server then aborts the LLM request). The call's
+deadline is the smaller of the client's timeout and --request-timeout-s (gateway.deadline);
+a request that runs past it gets 504 `timeout_error` (or that error as an SSE event), and
+every server working on it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing
@@ -23,6 +27,7 @@ from dvd.v1 import language_pb2
 from gateway.backends import BackendPool
 from gateway.config import GatewayConfig
 from gateway.convert import ModelLimits, to_generate_request
+from gateway.deadline import request_deadline
 from gateway.errors import REQUEST_ID_HEADER, ApiError, from_grpc, from_validation, to_api_error
 from gateway.metrics import RequestRecord
 from gateway.protocol import (
@@ -35,6 +40,8 @@ from gateway.protocol import (
     Delta,
     Usage,
 )
+
+logger = logging.getLogger("dvd.gateway")
 
 T = TypeVar("T")
 
@@ -56,6 +63,9 @@ async def create_chat_completion(request: Request) -> Response:
     record: RequestRecord = request.state.record
     chat = parse_chat_request(await request.body())
     record.stream = chat.stream
+    record.deadline = deadline = request_deadline(
+        request.headers, config.request_timeout_s, chat.stream
+    )
     record.model, limits = await served_model(pool, config, chat.model)
     generate_request = await to_generate_request(
         chat, record.request_id, config, state.media, limits
@@ -66,7 +76,7 @@ async def create_chat_completion(request: Request) -> Response:
 
     messages = pool.generate(
         generate_request,
-        timeout_s=config.request_timeout_s,
+        timeout_s=deadline.timeout_s,
         metadata=[(REQUEST_ID_HEADER, record.request_id)],
         on_backend=on_backend,
     )
@@ -80,8 +90,28 @@ async def create_chat_completion(request: Request) -> Response:
         record.status = 499
         return Response(status_code=499)
     except grpc.aio.AioRpcError as error:
-        raise from_grpc(error, record.backend) from None
+        raise backend_error(error, record) from None
     return Response(completion.model_dump_json(), media_type="application/json")
+
+
+def backend_error(error: grpc.aio.AioRpcError, record: RequestRecord) -> ApiError:
+    """A language server's error as the client sees it; a deadline that passed names the
+    limit that set it."""
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and record.deadline is not None:
+        logger.info(
+            "request %s ran past its deadline of %g s (%s); stopped",
+            record.request_id,
+            record.deadline.timeout_s,
+            record.deadline.reason,
+        )
+        return record.deadline.exceeded()
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        logger.info(
+            "request %s refused, every language server tried is busy: %s",
+            record.request_id,
+            error.details(),
+        )
+    return from_grpc(error, record.backend)
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -180,7 +210,7 @@ async def sse_events(
         raise
     except Exception as exc:
         if isinstance(exc, grpc.aio.AioRpcError):
-            exc = from_grpc(exc, record.backend)
+            exc = backend_error(exc, record)
         error = to_api_error(exc, record.request_id)
         record.status = error.status
         yield _sse(error.body())
