@@ -6,11 +6,14 @@ splitting a run that does not fit. The ViT runs on a single dedicated thread, so
 loop keeps streaming the previous batch's features while the next batch encodes.
 Results go back to each request's own queue as soon as its batch is done.
 
-The queue is bounded in tiles (`max_queued_tiles`, 0: unbounded): a call whose tiles would
-take the queue past the bound is not admitted (`admits`), unless no other call has tiles
-queued, so that a call larger than the bound still runs on an idle server. A call that ends
-early (its deadline passed, its caller left, it failed) withdraws its tiles still queued, so
-they are neither encoded nor counted against the bound.
+The queue is bounded in tiles (`max_queued_tiles`, 0: unbounded). A call is admitted as a
+whole before any of its images is tiled (`admit`, with tile counts read from the image
+headers), so a call is either refused at once or never: room is reserved for its tiles
+while they are being tiled, so calls tiled side by side cannot overshoot the bound together.
+A call whose tiles would take the queue past the bound is refused, unless no other call has
+tiles admitted, so that a call larger than the bound still runs on an idle server. A call
+that ends early (its deadline passed, its caller left, it failed) withdraws its tiles still
+queued, so they are neither encoded nor counted against the bound.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ class TileBatcher:
         self.max_queued_tiles = max_queued_tiles
         self.max_wait_s = max_wait_ms / 1000.0
         self._pending: deque[TileRun] = deque()
-        self._arrived = asyncio.Event()
+        self._reserved: dict[Cancellation, int] = {}  # admitted calls' tiles not yet queued
+        self._changed = asyncio.Event()  # a run arrived or was withdrawn
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit")
         self._task: asyncio.Task[None] | None = None
         self.batches_run = 0
@@ -105,28 +109,36 @@ class TileBatcher:
         """Tiles waiting for a ViT batch (not those being encoded)."""
         return sum(run.num_tiles for run in self._pending if not run.cancellation.cancelled)
 
-    def queued_by_others(self, call: Cancellation) -> int:
-        """Tiles waiting for a ViT batch that belong to calls other than `call`."""
-        return sum(
-            run.num_tiles
-            for run in self._pending
-            if run.cancellation is not call and not run.cancellation.cancelled
-        )
+    @property
+    def admitted_tiles(self) -> int:
+        """Tiles admitted and not yet in a batch: queued, or reserved while being tiled.
+        The bound applies to these."""
+        return self.queued_tiles + sum(self._reserved.values())
 
-    def admits(self, call: Cancellation, tiles: int) -> bool:
-        """Whether `tiles` more tiles of `call` may be queued: the queue stays within
-        max_queued_tiles with them, or no other call has tiles queued (a call alone is
-        never refused, however large: it could never run otherwise)."""
-        if not self.max_queued_tiles:
-            return True
-        others = self.queued_by_others(call)
-        return others == 0 or self.queued_tiles + tiles <= self.max_queued_tiles
+    def admit(self, call: Cancellation, tiles: int) -> bool:
+        """Reserves room for `tiles` tiles of `call` (its images, counted before tiling)
+        and says True, if the admitted tiles stay within max_queued_tiles with them or no
+        other call has any admitted (a call alone is never refused, however large: it could
+        never run otherwise); else False and nothing is reserved. Each run `call` submits
+        then turns part of its reservation into queued tiles."""
+        if self.max_queued_tiles:
+            mine = self._reserved.get(call, 0) + sum(
+                run.num_tiles for run in self._pending if run.cancellation is call
+            )
+            others = self.admitted_tiles - mine
+            if others > 0 and self.admitted_tiles + tiles > self.max_queued_tiles:
+                return False
+        self._reserved[call] = self._reserved.get(call, 0) + tiles
+        return True
 
     def withdraw(self, call: Cancellation) -> int:
-        """Drops `call`'s tiles still waiting for a batch; returns how many there were."""
+        """Ends `call`'s part in the queue: its reservation goes, and its tiles still waiting
+        for a batch are dropped; returns how many tiles were dropped."""
+        self._reserved.pop(call, None)
         dropped = sum(run.num_tiles for run in self._pending if run.cancellation is call)
         if dropped:
             self._pending = deque(run for run in self._pending if run.cancellation is not call)
+            self._changed.set()  # a batch being gathered may have lost its first tiles
         return dropped
 
     def start(self) -> None:
@@ -142,8 +154,16 @@ class TileBatcher:
         self._pending.clear()
 
     def submit(self, run: TileRun) -> None:
+        """Queues `run`, out of its call's reservation when it has one (see `admit`)."""
+        reserved = self._reserved.get(run.cancellation)
+        if reserved is not None:
+            left = reserved - run.num_tiles
+            if left > 0:
+                self._reserved[run.cancellation] = left
+            else:
+                del self._reserved[run.cancellation]
         self._pending.append(run)
-        self._arrived.set()
+        self._changed.set()
 
     async def _loop(self) -> None:
         while True:
@@ -152,17 +172,19 @@ class TileBatcher:
                 await self._run(batch)
 
     async def _collect(self) -> list[TileRun]:
-        while not self._pending:
-            self._arrived.clear()
-            await self._arrived.wait()
-        deadline = time.monotonic() + self.max_wait_s
-        while self.queued_tiles < self.max_batch_tiles and time.monotonic() < deadline:
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                break
-        return self._take(self.max_batch_tiles)
+        while True:
+            while not self.queued_tiles:
+                self._changed.clear()
+                await self._changed.wait()
+            deadline = time.monotonic() + self.max_wait_s
+            while 0 < self.queued_tiles < self.max_batch_tiles and time.monotonic() < deadline:
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    break
+            if self.queued_tiles:  # else all it waited for was withdrawn: wait afresh
+                return self._take(self.max_batch_tiles)
 
     def _take(self, capacity: int) -> list[TileRun]:
         batch: list[TileRun] = []

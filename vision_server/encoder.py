@@ -17,7 +17,7 @@ from dvd.errors import InvalidInput
 from dvd.vir_mode import VirMode
 from vision_server.model import InternVLVision
 from vision_server.tile_features import TileFeatures
-from vision_server.tiling import TiledImage, decode_image, tile_image
+from vision_server.tiling import TiledImage, decode_image, tile_count, tile_image
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,12 @@ class VisionEncoder:
     @property
     def hidden_size(self) -> int:
         return self.config.llm_hidden_size
+
+    def tile_count(self, data: bytes, limits: TilingLimits) -> int:
+        """The tiles `preprocess` will make of `data`, read from its header only."""
+        return tile_count(
+            data, self.config.image_size, limits.min_tiles, limits.max_tiles, limits.use_thumbnail
+        )
 
     def preprocess(self, data: bytes, limits: TilingLimits) -> TiledImage:
         image = decode_image(data, limits.max_pixels)

@@ -67,7 +67,8 @@ class VisionMetrics:
         )
         self.queued_tiles = Gauge(
             "dvd_vision_queued_tiles",
-            "Tiles waiting for a ViT batch (bounded by --max-queued-tiles)",
+            "Tiles admitted and not yet in a ViT batch, queued or being tiled (bounded by "
+            "--max-queued-tiles)",
             registry=r,
         )
         self.queue_full = Counter(

@@ -52,6 +52,17 @@ class EncodeProgress:
     held: dict[int, list[EncodedTiles]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Image:
+    """One image of a call, looked up in the encoder cache and counted before any work."""
+
+    data: bytes
+    limits: TilingLimits
+    key: str
+    cached: CachedImage | None
+    tiles: int  # what tiling will make of it (0 when cached), read from its header
+
+
 class VisionService(EncodeServicer):
     def __init__(
         self,
@@ -76,7 +87,7 @@ class VisionService(EncodeServicer):
         )
         encoder.check_mode(self.default_mode)
         self.sessions = Sessions(self.run_call, metrics.sessions, metrics.session_batch)
-        metrics.queued_tiles.set_function(lambda: batcher.queued_tiles)
+        metrics.queued_tiles.set_function(lambda: batcher.admitted_tiles)
         self.ready = True
 
     def close(self) -> None:
@@ -147,17 +158,22 @@ class VisionService(EncodeServicer):
         emission: Emission | None = None
         self.metrics.in_flight.inc()
         status = "ok"
+        done = False
         try:
             mode = self._mode(request)
             emission = self._emission(request)
             async for message in self._encode(request, mode, progress, cancellation, emission):
+                done = message.HasField("done")
                 yield message
         except DvdError as exc:
             status = exc.code.name.lower()
             log.info("encode %s rejected: %s", request.request_id, exc.message)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            status = "deadline_exceeded" if deadline.expired() else "cancelled"
+            # A caller that has its `done` may cancel before the stream's end: that is a
+            # finished call, not a stopped one.
+            if not done:
+                status = "deadline_exceeded" if deadline.expired() else "cancelled"
             raise
         finally:
             cancellation.cancelled = True  # tiles still queued are skipped
@@ -170,18 +186,16 @@ class VisionService(EncodeServicer):
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(status).inc()
 
-    def _admit(self, call: Cancellation, tiles: int | None) -> None:
-        """Overloaded (RESOURCE_EXHAUSTED) when `tiles` more of the call's tiles (None: an
-        image not tiled yet, so at least one) would take the queue past --max-queued-tiles
-        (see TileBatcher.admits)."""
-        if self.batcher.admits(call, tiles or 1):
+    def _admit(self, call: Cancellation, tiles: int) -> None:
+        """Reserves room for the call's `tiles`; Overloaded (RESOURCE_EXHAUSTED) when they
+        would take the queue past --max-queued-tiles (see TileBatcher.admit)."""
+        if self.batcher.admit(call, tiles):
             return
         self.metrics.queue_full.inc()
-        adds = f"{tiles} more" if tiles else "at least one more"
         raise Overloaded(
-            f"vision server {self.config.address} is busy: {self.batcher.queued_tiles} tiles "
-            f"are queued for the ViT, the limit is {self.batcher.max_queued_tiles} "
-            f"(--max-queued-tiles), and this call needs {adds}"
+            f"vision server {self.config.address} is busy: {self.batcher.admitted_tiles} tiles "
+            f"wait for the ViT, this call has {tiles} more, and the limit is "
+            f"{self.batcher.max_queued_tiles} (--max-queued-tiles)"
         )
 
     def _log_stopped(
@@ -213,24 +227,23 @@ class VisionService(EncodeServicer):
         max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
         streaming = mode is not VirMode.ROUTER
         with_vir = mode is not VirMode.QUARTER
+        images = [self._look_up(image, with_vir) for image in request.images]
+        # The whole call is admitted, or refused, before any work on it.
+        self._admit(cancellation, sum(image.tiles for image in images if image.cached is None))
         # Tile image i+1 while image i's tiles are already queued for the ViT.
-        for index, image in enumerate(request.images):
-            limits = self._limits(image)
-            key = image_key(image.data, limits.max_tiles)
-            cached = self.cache.get(key, with_vir)
+        for index, image in enumerate(images):
+            cached = image.cached
             self.metrics.cache.labels("hit" if cached else "miss").inc()
             if cached is not None:
                 layout = cached.layout
                 sink.put_nowait(EncodedTiles(index, 0, cached.features, 0, 0, 0))
             else:
-                self._admit(cancellation, None)  # a full queue refuses before tiling
                 t0 = time.monotonic_ns()
                 tiled: TiledImage = await loop.run_in_executor(
-                    self._preprocess_pool, self.encoder.preprocess, image.data, limits
+                    self._preprocess_pool, self.encoder.preprocess, image.data, image.limits
                 )
                 progress.preprocess_ns += time.monotonic_ns() - t0
                 layout = tiled.layout
-                self._admit(cancellation, layout.num_tiles)
                 run = TileRun(
                     request.request_id,
                     index,
@@ -242,7 +255,7 @@ class VisionService(EncodeServicer):
                 )
                 self.batcher.submit(run)
             progress.layouts.append(layout)
-            progress.cache_keys.append(None if cached else key)
+            progress.cache_keys.append(None if cached else image.key)
             progress.tiles_expected += layout.num_tiles
             if streaming:
                 tokens = self._fixed_tokens(mode, layout.num_tiles)
@@ -266,6 +279,13 @@ class VisionService(EncodeServicer):
             async for message in self._routed(emission, progress, max_chunk):
                 yield message
         yield vision_pb2.EncodeResponse(done=self._done(progress, len(request.images)))
+
+    def _look_up(self, image: vision_pb2.ImageInput, with_vir: bool) -> _Image:
+        limits = self._limits(image)
+        key = image_key(image.data, limits.max_tiles)
+        cached = self.cache.get(key, with_vir)
+        tiles = 0 if cached is not None else self.encoder.tile_count(image.data, limits)
+        return _Image(image.data, limits, key, cached, tiles)
 
     def _fixed_tokens(self, mode: VirMode, tiles: int) -> list[int]:
         full = self.encoder.tokens_per_tile

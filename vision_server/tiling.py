@@ -80,6 +80,22 @@ def choose_grid(
     return best
 
 
+def tile_count(
+    data: bytes, tile_size: int, min_tiles: int, max_tiles: int, use_thumbnail: bool
+) -> int:
+    """How many tiles `tile_image` cuts the image into, from its header alone (nothing is
+    decoded); 1 when the header cannot be read (decoding reports that image later)."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 1
+    if width < 1 or height < 1:
+        return 1
+    cols, rows = choose_grid(width, height, tile_size, min_tiles, max_tiles)
+    return cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decodes image bytes fully into RGB; InvalidInput on anything unusable."""
     try:
