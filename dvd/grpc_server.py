@@ -1,11 +1,14 @@
-"""Running a grpc.aio server until SIGTERM/SIGINT, then draining in-flight calls."""
+"""Running a grpc.aio server until SIGTERM/SIGINT, then draining in-flight calls; closing
+a streaming handler's work when its call ends."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -66,3 +69,30 @@ def setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+_closing: set[asyncio.Task[None]] = set()  # closes under way (the loop keeps weak refs)
+
+
+def close_when_done(context: grpc.aio.ServicerContext, work: AsyncGenerator[Any, None]) -> None:
+    """Closes `work`, the generator a streaming handler relays, as soon as its call ends.
+
+    gRPC cancels a handler whose caller left or whose deadline passed. When that lands while
+    gRPC itself is writing one of the handler's messages, the handler's generators are left
+    suspended at a `yield` and only closed when the garbage collector finds them, so their
+    `finally` blocks (abort the LLM request, drop queued tiles, count and log the call) wait
+    for it. Closing `work` from the call's done callback runs them at once. A generator the
+    cancellation landed in is still running then, and finishes by itself.
+    """
+
+    def on_done(_: object) -> None:
+        task = asyncio.get_running_loop().create_task(_close(work))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    context.add_done_callback(on_done)
+
+
+async def _close(work: AsyncGenerator[Any, None]) -> None:
+    with contextlib.suppress(RuntimeError):  # "already running": it is finishing by itself
+        await work.aclose()

@@ -15,6 +15,7 @@ import grpc
 from dvd import vir_mode
 from dvd.deadline import Deadline
 from dvd.errors import DvdError, InvalidInput
+from dvd.grpc_server import close_when_done
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from language_server.admission import Place, WaitingRoom
 from language_server.chat_prompt import Prompt, PromptBuilder
@@ -55,31 +56,48 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
     async def Generate(
         self, request: language_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[language_pb2.GenerateResponse]:
-        """One request. It waits (counted against --max-waiting-requests) until its first
-        token; gRPC cancels it when its deadline passes, which aborts the LLM request and
-        the encode still running."""
-        deadline = Deadline.of_context(context)
+        """One request; ends early when its caller leaves or its deadline passes (gRPC
+        cancels it), which aborts the LLM request and the encode still running."""
+        work = self._serve(request, Deadline.of_context(context))
+        close_when_done(context, work)  # whatever this handler is doing when the call ends
+        try:
+            async with aclosing(work) as messages:
+                async for message in messages:
+                    yield message
+        except DvdError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def _serve(
+        self, request: language_pb2.GenerateRequest, deadline: Deadline
+    ) -> AsyncGenerator[language_pb2.GenerateResponse, None]:
+        """A request's messages, with its accounting: it waits (counted against
+        --max-waiting-requests) until its first token, and is counted and logged once,
+        whichever way it ends."""
         started = time.monotonic()
         self.metrics.in_flight.inc()
         status = "ok"
+        finished = False
         place: Place | None = None
         try:
             place = self.waiting.enter(request.request_id)
             async with aclosing(self._generate(request, deadline)) as messages:
                 async for message in messages:
                     place.leave()  # tokens flow: it decodes, it no longer waits
+                    finished = bool(message.finish_reason)
                     yield message
         except DvdError as exc:
             status = exc.code.name.lower()
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self._expired(request.request_id, place, started)
             log.info("request %s failed: %s", request.request_id, exc.message)
-            await context.abort(exc.code, exc.message)
-        except asyncio.CancelledError:
-            if deadline.expired():
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # (a caller that has the last message may cancel before the stream's end: that
+            # request finished)
+            if not finished and deadline.expired():
                 status = "deadline_exceeded"
                 self._expired(request.request_id, place, started)
-            else:
+            elif not finished:
                 status = "cancelled"
                 log.info("request %s cancelled by the caller", request.request_id)
             raise

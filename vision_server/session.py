@@ -27,6 +27,7 @@ from prometheus_client import Gauge, Histogram
 from dvd.deadline import Deadline
 from dvd.errors import DvdError, Overloaded, Unavailable
 from dvd.grpc_options import MAX_CHUNK_BYTES
+from dvd.grpc_server import close_when_done
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -256,8 +257,10 @@ class EncodeServicer(vision_pb2_grpc.VisionServiceServicer, ABC):
         self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vision_pb2.EncodeResponse]:
         deadline = Deadline.of_context(context)  # gRPC cancels this handler once it passes
+        work = self.run_call(request, deadline)
+        close_when_done(context, work)
         try:
-            async with aclosing(self.run_call(request, deadline)) as responses:
+            async with aclosing(work) as responses:
                 async for response in responses:
                     yield response
         except DvdError as exc:
