@@ -148,6 +148,13 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
         mode=config.mode,
     )
     waiting = WaitingRoom(config.waiting_bound, metrics.waiting, metrics.refused.labels("waiting"))
+    log.info(
+        "%s",
+        f"requests refused beyond {config.waiting_bound} waiting for their first token "
+        "(--max-waiting-requests)"
+        if config.waiting_bound
+        else "no bound on requests waiting for their first token",
+    )
     service = LanguageService(limits, builder, engine, vision, metrics, waiting)
     server = new_server()
     language_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)

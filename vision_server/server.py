@@ -56,6 +56,14 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
         encoder.encode, config.max_batch_tiles, config.max_wait_ms, config.queued_tiles_bound
     )
     batcher.start()
+    log.info(
+        "ViT batches of up to %d tiles, gathered for up to %g ms; %s",
+        config.max_batch_tiles,
+        config.max_wait_ms,
+        f"calls refused beyond {config.queued_tiles_bound} queued tiles (--max-queued-tiles)"
+        if config.queued_tiles_bound
+        else "no bound on queued tiles",
+    )
     senders = {name: make_sender(name, config) for name in parse_names(config.transport)}
     cache = EncoderCache(config.encoder_cache_mib * 2**20)
     service = VisionService(config, encoder, batcher, metrics, senders, cache)
