@@ -426,12 +426,16 @@ def supervise(children: list[Child], ready_url: str, ready_timeout_s: float) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from dvd.checkpoint.family import require_servable
     from dvd.grpc_server import setup_logging
 
     setup_logging(args.log_level)
     model = Path(args.model) if args.model else default_checkpoint()
     if not (model / "config.json").exists():
         raise SystemExit(f"dvd up: {model} has no config.json; is it a checkpoint folder?")
+    # The family decides which servers start; one this version cannot serve stops here,
+    # before any child process is started.
+    require_servable(model, COMMAND)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:

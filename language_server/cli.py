@@ -242,12 +242,14 @@ def config_from_args(args: argparse.Namespace) -> LanguageServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dvd.checkpoint.family import require_servable
     from dvd.grpc_server import setup_logging
     from language_server.engine_args import check_names
     from language_server.server import run as run_server
 
     if not args.model:
         raise SystemExit("dvd language: --model (or DVD_LANGUAGE_MODEL) is required")
+    require_servable(args.model, COMMAND)
     config = config_from_args(args)
     # Before logging is set up and anything heavy is read: a misspelt engine argument fails
     # in seconds, not after the checkpoint has been prepared.

@@ -77,12 +77,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dvd.checkpoint.family import require_servable
     from dvd.grpc_server import setup_logging
     from vision_server.config import VisionServerConfig
     from vision_server.server import run as run_server
 
     if not args.model:
         raise SystemExit("dvd vision: --model (or DVD_VISION_MODEL) is required")
+    # Before torch and the model load: a family this version cannot serve is a one-line error.
+    require_servable(args.model, COMMAND)
     setup_logging(args.log_level)
     config = VisionServerConfig(
         model=args.model,
