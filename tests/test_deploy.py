@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import fnmatch
 import functools
 import importlib.util
@@ -152,10 +151,9 @@ def check_config(role: str, ns: argparse.Namespace) -> None:
 
         check_names(language_config(ns).engine_args)  # against vLLM's own names
         return
-    from vision_server.config import VisionServerConfig
+    from vision_server.cli import config_from_args as vision_config
 
-    fields = {f.name for f in dataclasses.fields(VisionServerConfig)}
-    VisionServerConfig(**{k: v for k, v in vars(ns).items() if k in fields})
+    vision_config(ns)
 
 
 def served_ports(role: str, ns: argparse.Namespace) -> dict[str, int]:
