@@ -20,6 +20,10 @@ over TLS with the server's own files, read the same way: its certificate and key
 probe's client identity (a mutual-TLS server takes it, its CA signed it), its --tls-ca to
 check the server. The name checked is --tls-server-name, else the first name in the
 server's own certificate (a DNS name, else an IP address), whatever address is dialled.
+--tls-cert/--tls-key/--tls-ca given here replace the server's files (then the name checked
+is --tls-server-name, else the host dialled):
+
+    dvd-healthcheck vision --tls-ca ca.crt --tls-cert client.crt --tls-key client.key
 
 Exit codes: 0 healthy, 1 not healthy, 2 usage error. Stdlib, grpc, and cryptography to
 read a certificate's names.
@@ -61,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--live", action="store_true", help="only check that the server answers (liveness)"
     )
     parser.add_argument("--timeout-s", type=float, default=4.0, help="deadline of the check")
+    parser.add_argument("--tls-cert", help="client certificate; default: the server's own")
+    parser.add_argument("--tls-key", help="key of --tls-cert; default: the server's own")
+    parser.add_argument("--tls-ca", help="CA the server's certificate is checked against")
     parser.add_argument(
         "--tls-server-name",
-        help="name the server's certificate must carry; default: the first in its own file",
+        help="name the server's certificate must carry; default: the first name in the "
+        "server's own certificate, or with --tls-* given here the host dialled",
     )
     return parser
 
@@ -164,7 +172,8 @@ def certificate_name(path: str) -> str:
 
 
 def open_channel(address: str, tls: TlsFiles | None, server_name: str | None) -> grpc.Channel:
-    """A channel to the server: plaintext, or TLS with the server's own files."""
+    """A channel to the server: plaintext, or TLS with `tls`, checking `server_name` (None:
+    the first name in tls.cert, the server's own certificate)."""
     import grpc
 
     # A proxy from the environment must not stand between the probe and its own pod.
@@ -179,7 +188,7 @@ def open_channel(address: str, tls: TlsFiles | None, server_name: str | None) ->
             return f.read()
 
     credentials = grpc.ssl_channel_credentials(read(tls.ca), read(tls.key), read(tls.cert))
-    name = server_name or certificate_name(tls.cert)
+    name = server_name if server_name is not None else certificate_name(tls.cert)
     options.append(("grpc.ssl_target_name_override", name))
     return grpc.secure_channel(address, credentials, options=options)
 
@@ -239,8 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         role, server_argv = found
     address = target(role, args.host, args.port, server_argv)
     if role in ("vision", "language"):
-        tls = tls_files(role, server_argv)
-        ok, detail = check_grpc(role, address, args.live, args.timeout_s, tls, args.tls_server_name)
+        tls, name = tls_files(role, server_argv), args.tls_server_name
+        if args.tls_cert or args.tls_key or args.tls_ca:  # files of our own, not the server's
+            tls = TlsFiles(args.tls_cert or "", args.tls_key or "", args.tls_ca or "")
+            name = name or address.rpartition(":")[0].strip("[]")
+        ok, detail = check_grpc(role, address, args.live, args.timeout_s, tls, name)
     else:
         ok, detail = check_http(address, args.live, args.timeout_s)
     print(detail)

@@ -441,7 +441,9 @@ def test_mtls_vision_server_encodes_into_a_tls_data_port(
 
 
 @pytest.mark.integration
-def test_healthcheck_asks_a_tls_server_with_its_own_files(mtls_vision: Process, pki: Pki) -> None:
+def test_healthcheck_asks_a_tls_server_with_its_own_files_or_ours(
+    mtls_vision: Process, pki: Pki
+) -> None:
     port = mtls_vision.address.rsplit(":", 1)[1]
     command = [sys.executable, str(HEALTHCHECK), "vision", "--port", port, "--timeout-s", "10"]
     env = {
@@ -455,9 +457,14 @@ def test_healthcheck_asks_a_tls_server_with_its_own_files(mtls_vision: Process, 
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "STATUS_SERVING" in result.stdout
-    plain = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert plain.returncode == 1, plain.stdout + plain.stderr
-    assert "UNAVAILABLE" in plain.stdout
+    # The README's examples: plaintext and cert-less refused, a client of our CA served.
+    ours = ["--tls-ca", pki.client.ca, "--tls-cert", pki.client.cert, "--tls-key", pki.client.key]
+    for extra, code in (([], 1), (["--tls-ca", pki.client.ca], 1), (ours, 0)):
+        run = subprocess.run(
+            [*command, *extra], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+        assert run.returncode == code, (extra, run.stdout + run.stderr)
+        assert ("STATUS_SERVING" if code == 0 else "UNAVAILABLE") in run.stdout
 
 
 # --- a whole stack: dvd up --tls auto --transport tcp -------------------------------------
