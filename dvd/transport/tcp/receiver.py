@@ -470,6 +470,8 @@ def _handshake_failure(exc: ssl.SSLError) -> str:
         return f"not TLS, a plaintext sender? ({reason})"
     if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
         return f"the sender presented no certificate ({reason})"
+    if reason == "UNEXPECTED_EOF_WHILE_READING":
+        return f"the sender hung up during the handshake ({reason})"
     if reason == "CERTIFICATE_VERIFY_FAILED":
         return f"the sender's certificate is not one our --tls-ca signed ({reason})"
     if "ALERT" in reason:
