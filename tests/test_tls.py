@@ -300,6 +300,32 @@ def test_data_port_takes_a_sender_whose_certificate_our_ca_signed(
     reception.release()
 
 
+def test_tls_connections_are_pooled_and_a_closed_listener_fails_the_send(
+    pki: Pki,
+) -> None:
+    """An idle TLS connection counts as alive (no stray bytes from the listener), so later
+    frames reuse it; once the listener has closed, the next frame fails cleanly."""
+    server, client = pki.server.load(), pki.client.load()
+    assert server is not None and client is not None
+    receiver = Receiver(tls=server.server_context())
+    sender = Sender(tls=client.client_context(), connections_per_receiver=1)
+    rows = torch.ones(4, 64, dtype=torch.bfloat16)
+    try:
+        for _ in range(3):
+            reception, request = _reception(receiver)
+            list(sender.open(request).chunks(0, 0, rows, 1 << 20))
+            wait_for(lambda r=reception: r.landed_bytes == [4 * 64 * 2], "the frame lands")
+            reception.release()
+        assert receiver.connections_accepted == 1
+        _, request = _reception(receiver)
+        receiver.close()
+        with pytest.raises(ConnectionError):
+            list(sender.open(request).chunks(0, 0, rows, 1 << 20))
+    finally:
+        sender.close()
+        receiver.close()
+
+
 @pytest.mark.parametrize(
     ("who", "server_name"),
     [("no_certificate", ""), ("stranger", ""), ("client", "dvd-language")],
