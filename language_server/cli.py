@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from dvd.flags import add_flag, add_repeated_flag, add_switch
+from dvd.flags import add_flag, add_repeated_flag, add_switch, add_tls_flags, tls_from_args
 
 if TYPE_CHECKING:
     from language_server.config import LanguageServerConfig
@@ -122,6 +122,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the vision server's --vir-mode applies",
     )
     add_flag(parser, COMMAND, "--metrics-port", 0, "Prometheus /metrics port; 0 disables it")
+    add_tls_flags(parser, COMMAND, "vision servers")
     add_flag(parser, COMMAND, "--log-level", "info", "logging level")
     parser.set_defaults(func=run)
 
@@ -238,6 +239,7 @@ def config_from_args(args: argparse.Namespace) -> LanguageServerConfig:
         rdma_device=args.rdma_device,
         rdma_buffer_mib=args.rdma_buffer_mib,
         rdma_gid_index=args.rdma_gid_index,
+        tls=tls_from_args(args),
     )
 
 
