@@ -1,5 +1,8 @@
 """Qwen3-VL's vision side without servers (issue 13, step 2): preprocessing equals
-transformers' processors, and the processor files are read by key. qwen3vl-tiny preset.
+transformers' processors, the tower's rows equal transformers' Qwen3VLVisionModel (main
+and every DeepStack level), items packed into one forward do not see each other, the
+batcher cuts by total patches and keeps each item's rows, and the checkpoint's vision
+tensors load strictly. All on the qwen3vl-tiny preset in fp32 (bf16 once), a few seconds.
 
 References: images, transformers' `Qwen2VLImageProcessorPil` (what preprocessor_config.json
 resolves to without torchvision), run as it is. Video frames, and images with
@@ -29,8 +32,14 @@ from PIL import Image
 
 from dvd.checkpoint import make_checkpoint
 from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
+from dvd.checkpoint.qwen3vl_verify import VISION_PREFIX
+from dvd.checkpoint.weights import CheckpointWeights
 from dvd.errors import InvalidInput
+from vision_server.qwen3vl.batching import plan_batches
+from vision_server.qwen3vl.encoder import EncodedItem, Qwen3VLEncoder, vision_state_dict
+from vision_server.qwen3vl.model import Qwen3VLVisionTower
 from vision_server.qwen3vl.preprocess import (
+    VisionInput,
     patch_timestamps,
     preprocess_image,
     preprocess_video,
@@ -46,6 +55,8 @@ from vision_server.qwen3vl.processor_config import (
     load_video_processor_config,
 )
 
+ATOL = 2e-5
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -55,6 +66,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def config(tiny: Path) -> Qwen3VLConfig:
     return load_qwen3vl_config(tiny)
+
+
+@pytest.fixture(scope="module")
+def encoder(config: Qwen3VLConfig) -> Qwen3VLEncoder:
+    return Qwen3VLEncoder(config, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path) -> Any:
+    """transformers' vision tower of the same checkpoint, fp32."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny, dtype=torch.float32)
+    return model.model.visual.eval()
 
 
 def _image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -347,6 +372,131 @@ def test_sampling_and_timestamps_equal_transformers(tiny: Path) -> None:
         seconds = [i / video_fps for i in indices.tolist()]
         stamps = Qwen3VLProcessor._calculate_timestamps(None, indices, video_fps, 2)  # type: ignore[arg-type]
         assert patch_timestamps(seconds, config.pixels) == pytest.approx(stamps, abs=1e-12)
+
+
+# --- the tower ---------------------------------------------------------------------------
+
+
+def test_vision_tensors_load_strictly(tiny: Path, config: Qwen3VLConfig) -> None:
+    weights = CheckpointWeights(config)
+    state = vision_state_dict(weights)
+    stored = {n[len(VISION_PREFIX) :] for n in weights.names() if n.startswith(VISION_PREFIX)}
+    assert set(state) == stored
+    assert any(name.startswith("deepstack_merger_list.2.") for name in state)
+    tower = Qwen3VLVisionTower(config.vision)
+    result = tower.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert isinstance(tower.patch_embed.proj, torch.nn.Conv3d)
+
+
+def _reference_rows(reference: Any, items: list[VisionInput]) -> torch.Tensor:
+    pixels = torch.cat([item.pixel_values for item in items])
+    grids = torch.tensor([item.grid_thw for item in items])
+    with torch.no_grad():
+        out = reference(pixels, grid_thw=grids)
+    assert len(out.deepstack_features) == 3
+    return torch.cat([out.pooler_output, *out.deepstack_features], dim=-1)
+
+
+def _assert_levels_close(ours: torch.Tensor, expected: torch.Tensor, width: int) -> None:
+    """Main block and each DeepStack block compared on their own."""
+    assert ours.shape == expected.shape
+    for level in range(ours.shape[1] // width):
+        block = slice(level * width, (level + 1) * width)
+        torch.testing.assert_close(ours[:, block], expected[:, block], atol=ATOL, rtol=1e-4)
+
+
+def test_one_image_equals_transformers(
+    tiny: Path, config: Qwen3VLConfig, encoder: Qwen3VLEncoder, reference: Any
+) -> None:
+    item = preprocess_image(_image(96, 64), load_image_processor_config(tiny))
+    (encoded,) = encoder.encode([item])
+    assert encoded.grid_thw == (1, 14, 20)
+    assert encoded.features.shape == (70, config.feature_width) == (70, 64 * 4)
+    assert encoded.features.dtype == torch.float32 and encoded.features.device.type == "cpu"
+    _assert_levels_close(encoded.features, _reference_rows(reference, [item]), 64)
+
+
+def test_two_images_in_one_forward_equal_transformers_and_each_alone(
+    tiny: Path, encoder: Qwen3VLEncoder, reference: Any
+) -> None:
+    processor = load_image_processor_config(tiny, min_pixels=4096)
+    items = [
+        preprocess_image(_image(200, 120, 1), processor),
+        preprocess_image(_image(64, 160, 2), processor),
+    ]
+    assert items[0].grid_thw != items[1].grid_thw
+    together = encoder.encode_batch(items)
+    alone = [encoder.encode_batch([item])[0] for item in items]
+    expected = _reference_rows(reference, items)
+    _assert_levels_close(torch.cat([e.features for e in together]), expected, 64)
+    for joint, single in zip(together, alone, strict=True):
+        assert joint.grid_thw == single.grid_thw
+        torch.testing.assert_close(joint.features, single.features, atol=1e-5, rtol=1e-5)
+
+
+def test_a_video_equals_transformers(tiny: Path, encoder: Qwen3VLEncoder, reference: Any) -> None:
+    item = preprocess_video(
+        _frames(4, 128, 96), [0.0, 0.5, 1.0, 1.5], load_video_processor_config(tiny)
+    )
+    assert item.grid_thw == (2, 6, 8) and item.timestamps == (0.25, 1.25)
+    (encoded,) = encoder.encode([item])
+    assert encoded.features.shape[0] == 2 * 6 * 8 // 4
+    _assert_levels_close(encoded.features, _reference_rows(reference, [item]), 64)
+
+
+def test_bf16_runs_close_to_fp32(
+    config: Qwen3VLConfig, tiny: Path, encoder: Qwen3VLEncoder
+) -> None:
+    item = preprocess_image(_image(64, 64), load_image_processor_config(tiny, min_pixels=4096))
+    bf16 = Qwen3VLEncoder(config, device="cpu", dtype=torch.bfloat16)
+    (low,) = bf16.encode([item])
+    (high,) = encoder.encode([item])
+    assert low.features.dtype == torch.bfloat16
+    torch.testing.assert_close(low.features.float(), high.features, atol=0.1, rtol=0.05)
+
+
+# --- batching ----------------------------------------------------------------------------
+
+
+def test_plan_batches_cuts_by_total_patches_in_order() -> None:
+    assert plan_batches([], 10) == []
+    assert plan_batches([4, 4, 4], 8) == [[0, 1], [2]]
+    assert plan_batches([4, 4, 4], 12) == [[0, 1, 2]]
+    assert plan_batches([3, 20, 3, 3], 8) == [[0], [1], [2, 3]]  # too big: alone
+    assert plan_batches([20], 8) == [[0]]
+    with pytest.raises(ValueError, match="max_batch_patches"):
+        plan_batches([1], 0)
+
+
+def test_encode_batches_by_patches_and_returns_each_items_rows(
+    tiny: Path, config: Qwen3VLConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    processor = load_image_processor_config(tiny, min_pixels=4096)
+    video = load_video_processor_config(tiny, min_pixels=4096)
+    items = [
+        preprocess_image(_image(64, 64, 1), processor),  # 16 patches
+        preprocess_video(_frames(4, 64, 32), [0, 1, 2, 3], video),  # 16
+        preprocess_image(_image(160, 96, 2), processor),  # 60: over the bound, alone
+        preprocess_image(_image(96, 64, 3), processor),  # 24
+    ]
+    assert [item.num_patches for item in items] == [16, 16, 60, 24]
+    small = Qwen3VLEncoder(config, device="cpu", dtype=torch.float32, max_batch_patches=40)
+    batches: list[list[tuple[int, int, int]]] = []
+    real = small.encode_batch
+
+    def spy(batch: list[VisionInput]) -> list[EncodedItem]:
+        batches.append([item.grid_thw for item in batch])
+        return real(batch)
+
+    monkeypatch.setattr(small, "encode_batch", spy)
+    encoded = small.encode(items)
+    assert [len(b) for b in batches] == [2, 1, 1]
+    assert [e.grid_thw for e in encoded] == [item.grid_thw for item in items]
+    for item, out in zip(items, encoded, strict=True):
+        (alone,) = real([item])
+        assert out.features.shape == (config.tokens_of_grid(*item.grid_thw), config.feature_width)
+        torch.testing.assert_close(out.features, alone.features, atol=1e-5, rtol=1e-5)
 
 
 # --- processor files ---------------------------------------------------------------------
