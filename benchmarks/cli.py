@@ -7,6 +7,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from benchmarks.compare.cli import register as register_compare
+    from benchmarks.overload import register as register_overload
     from benchmarks.pool import register as register_pool
     from benchmarks.serve.cli import register as register_serve
     from benchmarks.transfer.cli import register as register_transfer
@@ -23,3 +24,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_vir(tools)
     register_compare(tools)
     register_pool(tools)
+    register_overload(tools)

@@ -145,14 +145,10 @@ def run_policy(model: Path, policy: str, args: argparse.Namespace, work: Path, d
 
 def run(args: argparse.Namespace) -> int:
     from benchmarks.dns_server import DnsServer
-    from dvd.checkpoint import make_checkpoint
+    from benchmarks.systems import bench_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="dvd-bench-pool-"))
-    model = (
-        Path(args.model)
-        if args.model
-        else make_checkpoint(work / f"internvl3_5-{args.preset}-random", preset=args.preset)
-    )
+    model = bench_checkpoint(args.model, args.preset, work)
     report: dict[str, Any] = {
         "model": str(model),
         "vision_servers": args.vision_servers,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def bench_checkpoint(model: str | None, preset: str, work: Path) -> Path:
+    """`model` when given, else a random-weight checkpoint of `preset` made under `work`."""
+    if model:
+        return Path(model)
+    from dvd.checkpoint import make_checkpoint
+
+    return make_checkpoint(work / f"internvl3_5-{preset}-random", preset=preset)
+
+
+def scalar_metric(metrics_url: str, name: str) -> float:
+    """The value of an unlabelled series on a Prometheus /metrics page (0 when absent)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(found[1]) if found else 0.0
 
 
 def http_ok(url: str) -> bool:

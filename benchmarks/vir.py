@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def vision_counter(metrics_url: str, name: str) -> float:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
 def run(args: argparse.Namespace) -> int:
     from benchmarks.serve.config import BenchConfig, parse_image_sizes
     from benchmarks.serve.runner import run_benchmark
-    from benchmarks.systems import dvd_up_argv, free_port, running
-    from dvd.checkpoint import load_config, make_checkpoint
+    from benchmarks.systems import bench_checkpoint, dvd_up_argv, free_port, running, scalar_metric
+    from dvd.checkpoint import load_config
 
     work = Path(tempfile.mkdtemp(prefix="dvd-bench-vir-"))
-    model = (
-        Path(args.model)
-        if args.model
-        else make_checkpoint(work / f"internvl3_5-{args.preset}-random", preset=args.preset)
-    )
+    model = bench_checkpoint(args.model, args.preset, work)
     if not load_config(model).has_router:
         raise SystemExit(f"dvd bench vir: {model} has no ViR (not an InternVL3.5-Flash model)")
     port, metrics_port = free_port(), free_port()
@@ -76,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     with running("dvd", argv, url, work / "dvd-up.log"):
         for mode in MODES:
-            before_tokens = vision_counter(metrics, "dvd_vision_visual_tokens_total")
-            before_images = vision_counter(metrics, "dvd_vision_images_total")
+            before_tokens = scalar_metric(metrics, "dvd_vision_visual_tokens_total")
+            before_images = scalar_metric(metrics, "dvd_vision_images_total")
             config = BenchConfig(
                 base_url=url,
                 concurrency=args.concurrency,
@@ -92,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
                 image_variants=args.num_requests + 2,
             )
             result = asyncio.run(run_benchmark(config))
-            images = vision_counter(metrics, "dvd_vision_images_total") - before_images
-            tokens = vision_counter(metrics, "dvd_vision_visual_tokens_total") - before_tokens
+            images = scalar_metric(metrics, "dvd_vision_images_total") - before_images
+            tokens = scalar_metric(metrics, "dvd_vision_visual_tokens_total") - before_tokens
             summary = result.summary.to_json()
             report["modes"][mode] = {
                 "visual_tokens_per_image": tokens / images if images else None,

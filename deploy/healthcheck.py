@@ -14,7 +14,19 @@ probes cannot ask them), and the gateway answers GET /ready and /health.
 
 The port is the one the server itself reads: --port, else DVD_<ROLE>_PORT, else the CLI's
 default. The host is DVD_<ROLE>_HOST unless that is a wildcard (then 127.0.0.1).
-Exit codes: 0 healthy, 1 not healthy, 2 usage error. Stdlib and grpc only.
+
+TLS: a vision or language server started with --tls-cert (or DVD_<ROLE>_TLS_CERT) is asked
+over TLS with the server's own files, read the same way: its certificate and key as the
+probe's client identity (a mutual-TLS server takes it, its CA signed it), its --tls-ca to
+check the server. The name checked is --tls-server-name, else the first name in the
+server's own certificate (a DNS name, else an IP address), whatever address is dialled.
+--tls-cert/--tls-key/--tls-ca given here replace the server's files (then the name checked
+is --tls-server-name, else the host dialled):
+
+    dvd-healthcheck vision --tls-ca ca.crt --tls-cert client.crt --tls-key client.key
+
+Exit codes: 0 healthy, 1 not healthy, 2 usage error. Stdlib, grpc, and cryptography to
+read a certificate's names.
 """
 
 from __future__ import annotations
@@ -25,6 +37,10 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import grpc
 
 ROLES = ("vision", "language", "gateway", "up")
 DEFAULT_PORTS = {"vision": 50051, "language": 50061, "gateway": 8000, "up": 8000}
@@ -49,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--live", action="store_true", help="only check that the server answers (liveness)"
     )
     parser.add_argument("--timeout-s", type=float, default=4.0, help="deadline of the check")
+    parser.add_argument("--tls-cert", help="client certificate; default: the server's own")
+    parser.add_argument("--tls-key", help="key of --tls-cert; default: the server's own")
+    parser.add_argument("--tls-ca", help="CA the server's certificate is checked against")
+    parser.add_argument(
+        "--tls-server-name",
+        help="name the server's certificate must carry; default: the first name in the "
+        "server's own certificate, or with --tls-* given here the host dialled",
+    )
     return parser
 
 
@@ -109,13 +133,83 @@ def target(role: str, host: str | None, port: int | None, argv: Sequence[str] = 
     return f"{host}:{port}"
 
 
-def check_grpc(role: str, address: str, live: bool, timeout_s: float) -> tuple[bool, str]:
+class TlsFiles(NamedTuple):
+    """The server's --tls-cert, --tls-key and --tls-ca ("" where unset)."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+def tls_files(role: str, argv: Sequence[str] = ()) -> TlsFiles | None:
+    """The server's TLS files as it reads them (flag, else DVD_<ROLE>_TLS_*); None when it
+    listens in plaintext (no certificate)."""
+    prefix = f"DVD_{role.upper()}_TLS_"
+    found = {
+        part: flag_value(argv, f"--tls-{part}") or os.environ.get(prefix + part.upper(), "")
+        for part in ("cert", "key", "ca")
+    }
+    return TlsFiles(**found) if found["cert"] else None
+
+
+def certificate_name(path: str) -> str:
+    """The first subject alternative name in a PEM certificate (DNS, else IP), else its
+    common name."""
+    from cryptography import x509
+
+    with open(path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    try:
+        alternative = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        alternative = x509.SubjectAlternativeName([])
+    dns = alternative.get_values_for_type(x509.DNSName)
+    ips = alternative.get_values_for_type(x509.IPAddress)
+    if dns or ips:
+        return str((dns or ips)[0])
+    common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(common[0].value) if common else ""
+
+
+def open_channel(address: str, tls: TlsFiles | None, server_name: str | None) -> grpc.Channel:
+    """A channel to the server: plaintext, or TLS with `tls`, checking `server_name` (None:
+    the first name in tls.cert, the server's own certificate)."""
+    import grpc
+
+    # A proxy from the environment must not stand between the probe and its own pod.
+    options: list[tuple[str, int | str]] = [("grpc.enable_http_proxy", 0)]
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    credentials = grpc.ssl_channel_credentials(read(tls.ca), read(tls.key), read(tls.cert))
+    name = server_name if server_name is not None else certificate_name(tls.cert)
+    options.append(("grpc.ssl_target_name_override", name))
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def check_grpc(
+    role: str,
+    address: str,
+    live: bool,
+    timeout_s: float,
+    tls: TlsFiles | None = None,
+    server_name: str | None = None,
+) -> tuple[bool, str]:
     import grpc
 
     from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
 
-    # A proxy from the environment must not stand between the probe and its own pod.
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    try:
+        channel = open_channel(address, tls, server_name)
+    except (OSError, ValueError) as exc:
+        return False, f"{role} {address}: cannot read its TLS files: {exc}"
+    with channel:
         stub = (
             vision_pb2_grpc.VisionServiceStub(channel)
             if role == "vision"
@@ -154,7 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         role, server_argv = found
     address = target(role, args.host, args.port, server_argv)
     if role in ("vision", "language"):
-        ok, detail = check_grpc(role, address, args.live, args.timeout_s)
+        tls, name = tls_files(role, server_argv), args.tls_server_name
+        if args.tls_cert or args.tls_key or args.tls_ca:  # files of our own, not the server's
+            tls = TlsFiles(args.tls_cert or "", args.tls_key or "", args.tls_ca or "")
+            name = name or address.rpartition(":")[0].strip("[]")
+        ok, detail = check_grpc(role, address, args.live, args.timeout_s, tls, name)
     else:
         ok, detail = check_http(address, args.live, args.timeout_s)
     print(detail)

@@ -139,7 +139,9 @@ M = TypeVar("M")
 class Members(Generic[M]):
     """The live members of a pool, kept in step with what the targets resolve to.
 
-    `make(address)` builds a member; `busy(member)` says whether calls are still on it;
+    `make(address, name)` builds a member, `name` being the host of the target that gave
+    the address (the DNS name, or the address itself): the name a TLS client checks the
+    member's certificate against (dvd.tls); `busy(member)` says whether calls are still on it;
     `close(member)` releases it. Create inside the running event loop, `await start()`
     before use, `await stop()` at the end.
     """
@@ -148,7 +150,7 @@ class Members(Generic[M]):
         self,
         targets: Sequence[Target],
         resolver: Resolver,
-        make: Callable[[str], M],
+        make: Callable[[str, str], M],
         busy: Callable[[M], bool],
         close: Callable[[M], Awaitable[None]],
         period_s: float,
@@ -180,10 +182,11 @@ class Members(Generic[M]):
         self._wake.set()
 
     async def refresh(self) -> None:
-        addresses: list[str] = []
+        names: dict[str, str] = {}  # address -> the host of the first target that gave it
         for target in self.targets:
-            addresses += await self._addresses_of(target)
-        self._apply(_unique(addresses))
+            for address in await self._addresses_of(target):
+                names.setdefault(address, target.host)
+        self._apply(names)
         await self._close_idle()
 
     async def _addresses_of(self, target: Target) -> list[str]:
@@ -200,18 +203,19 @@ class Members(Generic[M]):
         self._last[target] = found
         return found
 
-    def _apply(self, addresses: list[str]) -> None:
-        for address in addresses:
+    def _apply(self, names: dict[str, str]) -> None:
+        """`names`: every address that targets resolve to now, in order -> its name."""
+        for address, name in names.items():
             if address in self.active:
                 continue
             member = self.draining.pop(address, None)
             if member is None:
-                member = self._make(address)
+                member = self._make(address, name)
                 log.info("%s: %s joins", self.what, address)
             else:
                 log.info("%s: %s is back", self.what, address)
             self.active[address] = member
-        for address in [a for a in self.active if a not in addresses]:
+        for address in [a for a in self.active if a not in names]:
             log.info("%s: %s is gone from DNS; draining it", self.what, address)
             self.draining[address] = self.active.pop(address)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvd.env import env_name, from_env, list_from_env, optional_bool_from_env
+
+if TYPE_CHECKING:
+    from dvd.tls import TlsConfig
 
 
 def add_flag(
@@ -72,4 +75,43 @@ def add_repeated_flag(
         default=list_from_env(var),
         metavar=metavar,
         help=f"{help} [env {var}, items separated by spaces; default none]",
+    )
+
+
+def add_tls_flags(parser: argparse.ArgumentParser, command: str, calls: str) -> None:
+    """--tls-cert, --tls-key, --tls-ca and --tls-server-name: one identity for a process's
+    listening side and for its calls to `calls` (dvd.tls)."""
+    add_flag(
+        parser,
+        command,
+        "--tls-cert",
+        "",
+        "PEM certificate (chain) this process presents, as a server and as a client; with "
+        "--tls-key, its listeners take TLS only; empty: plaintext",
+    )
+    add_flag(parser, command, "--tls-key", "", "PEM private key of --tls-cert")
+    add_flag(
+        parser,
+        command,
+        "--tls-ca",
+        "",
+        f"PEM CA certificate(s) that {calls} must be signed by; a listener given one also "
+        "requires client certificates it signed (mutual TLS)",
+    )
+    add_flag(
+        parser,
+        command,
+        "--tls-server-name",
+        "",
+        f"name the certificates of {calls} must carry; empty: the name or address each was "
+        "dialled by",
+    )
+
+
+def tls_from_args(args: argparse.Namespace) -> TlsConfig:
+    """The TlsConfig of add_tls_flags' flags (ValueError for a certificate without key)."""
+    from dvd.tls import TlsConfig
+
+    return TlsConfig(
+        cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, server_name=args.tls_server_name
     )

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from dvd.grpc_options import SERVER_OPTIONS
+from dvd.tls import Tls, describe_listener
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,14 @@ def new_server() -> grpc.aio.Server:
     return grpc.aio.server(options=SERVER_OPTIONS)
 
 
-def bind(server: grpc.aio.Server, address: str) -> int:
-    """Binds an insecure port; a clear error when the address is taken or invalid."""
+def bind(server: grpc.aio.Server, address: str, tls: Tls | None = None) -> int:
+    """Binds a port, TLS (mTLS when `tls` has a CA) or plaintext when `tls` is None; a
+    clear error when the address is taken or invalid."""
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.server_credentials())
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
@@ -39,18 +44,20 @@ async def serve_until_signal(
     grace_s: float,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     on_draining: Callable[[], Awaitable[None]] | None = None,
+    tls: Tls | None = None,
 ) -> None:
     """Starts `server`, waits for SIGTERM/SIGINT, stops taking calls and drains for grace_s.
 
     `on_draining` runs first, while the server still serves: long-lived streams use it to
     finish their calls and end themselves within the grace period. `on_stop` runs last.
+    `tls` is what the port was bound with, for the log.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    log.info("%s listening on %s", name, address)
+    log.info("%s listening on %s (%s)", name, address, describe_listener(tls))
     waiter = asyncio.create_task(server.wait_for_termination())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -5,6 +5,11 @@ server with the vision model inside and a gateway), waits until the gateway repo
 and then watches them: Ctrl-C or SIGTERM stops all of them; a child that exits on its own
 is reported with its exit code and the rest are stopped.
 
+`--tls auto` makes a throwaway CA and one certificate per process in a temporary folder
+(removed at exit) and gives every child `--tls-cert/--tls-key/--tls-ca`: every gRPC hop and
+the tcp transport's data port is then mutual TLS. Files of your own (`--tls-cert`, ...)
+go to every child instead.
+
 `--vision-replicas N` starts N vision servers on consecutive ports from --vision-port, one
 per GPU on a GPU host (or per device listed in --vision-device), one per share of
 --vision-cpus on a CPU host; the language server balances over all of them (one pool).
@@ -18,25 +23,35 @@ whole stack.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dvd.env import cache_dir, env_name
-from dvd.flags import add_flag, add_repeated_flag
+from dvd.flags import add_flag, add_repeated_flag, add_tls_flags, tls_from_args
 from language_server.cli import ENGINE_FLAGS, add_engine_flags
+
+if TYPE_CHECKING:
+    from dvd.tls import TlsConfig
 
 COMMAND = "up"
 DEFAULT_PRESET = "tiny"
+TLS_MODES = ("off", "auto")
+TLS_ROLES = ("vision", "language", "gateway", "client")
+"""Identities `--tls auto` makes: one per process kind, and one for your own gRPC clients."""
 log = logging.getLogger("dvd.up")
 
 
@@ -145,6 +160,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "",
         "CPU ids the language server (and its vLLM engine) may run on (default: any)",
     )
+    add_flag(
+        parser,
+        COMMAND,
+        "--tls",
+        "off",
+        "auto: a throwaway CA and certificates (localhost, 127.0.0.1) in a temporary folder, "
+        "removed at exit, and mutual TLS on every gRPC hop and the tcp data port; off: "
+        "plaintext, unless --tls-cert/--tls-key/--tls-ca are given, which every process "
+        "then uses",
+        choices=TLS_MODES,
+    )
+    add_tls_flags(parser, COMMAND, "the stack's servers")
     add_flag(parser, COMMAND, "--log-level", "info", "logging level of every process")
     parser.set_defaults(func=run)
 
@@ -248,7 +275,59 @@ def metrics_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/metrics"
 
 
-def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]]]:
+def stack_tls(args: argparse.Namespace) -> tuple[dict[str, TlsConfig], Path | None]:
+    """Each process kind's TLS files (none: plaintext), and the temporary folder `--tls
+    auto` made them in (None otherwise), which the caller removes at exit."""
+    if args.tls == "auto":
+        if args.tls_cert or args.tls_key or args.tls_ca:
+            raise ValueError(
+                "--tls auto makes its own certificates: drop --tls-cert/--tls-key/--tls-ca, "
+                "or leave --tls off to use yours"
+            )
+        from dvd.throwaway_certs import local_identities
+
+        folder = Path(tempfile.mkdtemp(prefix="dvd-tls-"))
+        identities = local_identities(folder, TLS_ROLES)
+        if args.tls_server_name:
+            identities = {
+                role: dataclasses.replace(config, server_name=args.tls_server_name)
+                for role, config in identities.items()
+            }
+        log.info(
+            "TLS (auto): mutual TLS between every process; throwaway CA and certificates in "
+            "%s, removed at exit (call the gRPC ports with ca.crt, client.crt and client.key "
+            "from there)",
+            folder,
+        )
+        return identities, folder
+    given = tls_from_args(args)  # ValueError for a certificate without its key
+    if not given.enabled:
+        return {}, None
+    given.check_listener("dvd up")
+    return dict.fromkeys(TLS_ROLES, given), None
+
+
+def tls_arguments(config: TlsConfig | None) -> list[str]:
+    """A child's TLS flags."""
+    if config is None:
+        return []
+    argv = []
+    for flag, value in (
+        ("--tls-cert", config.cert),
+        ("--tls-key", config.key),
+        ("--tls-ca", config.ca),
+        ("--tls-server-name", config.server_name),
+    ):
+        if value:
+            argv += [flag, value]
+    return argv
+
+
+def commands(
+    args: argparse.Namespace, model: Path, tls: dict[str, TlsConfig] | None = None
+) -> list[tuple[str, list[str]]]:
+    """Every child's name and command line; `tls`: process kind -> its TLS files."""
+    tls = tls or {}
     dvd = [sys.executable, "-m", "dvd"]
     common = ["--model", str(model), "--dtype", args.dtype, "--log-level", args.log_level]
     vision_ports = [args.vision_port + i for i in range(args.vision_replicas)]
@@ -264,6 +343,7 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
         "--max-model-len",
         str(args.max_model_len),
         *engine_arguments(args),
+        *tls_arguments(tls.get("language")),
     ]
     if args.served_model_name:
         language += ["--served-model-name", args.served_model_name]
@@ -286,6 +366,7 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
         ",".join(metrics_url(port) for port in [*vision_metrics, language_metrics]),
         "--log-level",
         args.log_level,
+        *tls_arguments(tls.get("gateway")),
     ]
     procs = [("language", language), ("gateway", gateway)]
     if not args.coupled:
@@ -297,7 +378,7 @@ def commands(args: argparse.Namespace, model: Path) -> list[tuple[str, list[str]
             names, vision_ports, devices, vision_metrics, strict=True
         ):
             argv = [*dvd, "vision", *common, "--port", str(port), "--transport", accepted]
-            argv += ["--metrics-port", str(metrics)]
+            argv += ["--metrics-port", str(metrics), *tls_arguments(tls.get("vision"))]
             if device != "auto":
                 argv += ["--device", device]
             visions.append((name, argv))
@@ -426,12 +507,16 @@ def supervise(children: list[Child], ready_url: str, ready_timeout_s: float) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from dvd.checkpoint.family import require_servable
     from dvd.grpc_server import setup_logging
 
     setup_logging(args.log_level)
     model = Path(args.model) if args.model else default_checkpoint()
     if not (model / "config.json").exists():
         raise SystemExit(f"dvd up: {model} has no config.json; is it a checkpoint folder?")
+    # The family decides which servers start; one this version cannot serve stops here,
+    # before any child process is started.
+    require_servable(model, COMMAND)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -445,13 +530,15 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     children: list[Child] = []
     code = 0
+    tls_folder: Path | None = None
     try:
         if args.vision_replicas < 1:
             raise ValueError(f"vision_replicas: must be at least 1, not {args.vision_replicas}")
         vision_shares = split_cpus(parse_cpus(args.vision_cpus), args.vision_replicas)
         pinning = dict(zip(vision_names(args.vision_replicas), vision_shares, strict=True))
         pinning["language"] = parse_cpus(args.language_cpus)
-        procs = commands(args, model)
+        tls, tls_folder = stack_tls(args)
+        procs = commands(args, model, tls)
         check_language(dict(procs)["language"])
         for name, argv in procs:
             if name != "gateway":
@@ -464,4 +551,6 @@ def run(args: argparse.Namespace) -> int:
         log.info("stopping dvd-serve")
     finally:
         stop_all(children)
+        if tls_folder is not None:
+            shutil.rmtree(tls_folder, ignore_errors=True)
     return code if not stopping else 0

@@ -58,7 +58,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.metrics = GatewayMetrics()
-        app.state.pool = BackendPool.from_config(config, app.state.metrics)
+        app.state.pool = BackendPool.from_config(config, app.state.metrics, app.state.tls)
         app.state.media = MediaFetcher(config) if config.remote_images else None
         # Loopback URLs of this stack's own processes: no proxy from the environment.
         app.state.scraper = httpx.AsyncClient(trust_env=False) if config.scrape_metrics else None
@@ -79,6 +79,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     # Built here, not in the lifespan: the middleware needs it, and a bad key file should
     # stop the process before it listens.
     app.state.keys = ApiKeys(config.api_keys, config.api_key_file)
+    # Likewise the TLS files: read and checked before the gateway listens.
+    app.state.tls = config.tls.load()
     app.state.drain = DrainState(config.drain_timeout_s)
     install_handlers(app)
     app.add_middleware(

@@ -38,6 +38,7 @@ import grpc
 from dvd.discovery import Members, Resolver, Target, make_resolver, parse_targets
 from dvd.grpc_options import CHANNEL_OPTIONS
 from dvd.routing import LEAST_LOADED, LeastLoaded, bounded_affinity
+from dvd.tls import Tls, describe_client, open_channel
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from gateway.affinity import conversation_key
 from gateway.config import PREFIX_AFFINE, GatewayConfig
@@ -93,6 +94,7 @@ class BackendPool:
         routing: str = LEAST_LOADED,
         health_timeout_s: float = 2.0,
         metrics: GatewayMetrics | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.targets = list(targets)
         self.routing = routing
@@ -102,7 +104,7 @@ class BackendPool:
         self._members: Members[Backend] = Members(
             targets,
             resolver,
-            make=_connect,
+            make=lambda address, name: _connect(address, name, tls),
             busy=lambda backend: backend.outstanding > 0,
             close=self._disconnect,
             period_s=resolve_s,
@@ -110,10 +112,11 @@ class BackendPool:
         )
         self._info: language_pb2.LanguageInfo | None = None
         self._watch: asyncio.Task[None] | None = None
+        logger.info("language pool: calls language servers over %s", describe_client(tls))
 
     @classmethod
     def from_config(
-        cls, config: GatewayConfig, metrics: GatewayMetrics | None = None
+        cls, config: GatewayConfig, metrics: GatewayMetrics | None = None, tls: Tls | None = None
     ) -> BackendPool:
         return cls(
             parse_targets(config.language_addresses),
@@ -122,6 +125,7 @@ class BackendPool:
             routing=config.language_routing,
             health_timeout_s=config.health_timeout_s,
             metrics=metrics,
+            tls=tls,
         )
 
     async def start(self) -> None:
@@ -290,8 +294,9 @@ class BackendPool:
             self._metrics.member_left(backend.address)
 
 
-def _connect(address: str) -> Backend:
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def _connect(address: str, name: str, tls: Tls | None) -> Backend:
+    """A member's channel; with TLS its certificate must carry `name` (dvd.tls)."""
+    channel = open_channel(address, name, tls, CHANNEL_OPTIONS)
     return Backend(address, channel, language_pb2_grpc.LanguageServiceStub(channel))
 
 

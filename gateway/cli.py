@@ -11,7 +11,7 @@ import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
-from dvd.flags import add_flag, add_repeated_flag
+from dvd.flags import add_flag, add_repeated_flag, add_tls_flags, tls_from_args
 from dvd.routing import LEAST_LOADED
 from gateway.config import ROUTINGS
 
@@ -211,6 +211,7 @@ def register(subparsers: Any) -> None:
         "require an API key on /metrics too (/health and /ready always stay open)",
     )
     flag("--health-timeout-s", 2.0, "how long /ready waits for each language server's Health")
+    add_tls_flags(parser, COMMAND, "language servers")
     flag(
         "--log-level",
         "info",
@@ -257,6 +258,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         dns_server=args.dns_server,
         language_routing=args.language_routing,
         scrape_metrics=tuple(split_addresses(args.scrape_metrics)),
+        tls=tls_from_args(args),
         log_level=args.log_level,
     )
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from dvd.discovery import parse_target
 from dvd.routing import LEAST_LOADED
+from dvd.tls import TlsConfig
 
 MIB = 1024 * 1024
 
@@ -89,6 +90,10 @@ class GatewayConfig:
     """Largest request head (all header names and values); larger gets 431."""
     drain_timeout_s: float = 30.0
     """On SIGTERM, how long requests in flight may take to finish (new ones get 503)."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """How the gateway calls language servers: TLS when a CA or a certificate is given, with
+    this certificate as its client identity (mutual TLS); plaintext when none (dvd.tls).
+    The HTTP API itself is plaintext: terminate client TLS at the load balancer/Ingress."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:

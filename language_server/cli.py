@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from dvd.flags import add_flag, add_repeated_flag, add_switch
+from dvd.flags import add_flag, add_repeated_flag, add_switch, add_tls_flags, tls_from_args
 
 if TYPE_CHECKING:
     from language_server.config import LanguageServerConfig
@@ -138,6 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the vision server's --vir-mode applies",
     )
     add_flag(parser, COMMAND, "--metrics-port", 0, "Prometheus /metrics port; 0 disables it")
+    add_tls_flags(parser, COMMAND, "vision servers")
     add_flag(parser, COMMAND, "--log-level", "info", "logging level")
     parser.set_defaults(func=run)
 
@@ -255,16 +256,19 @@ def config_from_args(args: argparse.Namespace) -> LanguageServerConfig:
         rdma_device=args.rdma_device,
         rdma_buffer_mib=args.rdma_buffer_mib,
         rdma_gid_index=args.rdma_gid_index,
+        tls=tls_from_args(args),
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from dvd.checkpoint.family import require_servable
     from dvd.grpc_server import setup_logging
     from language_server.engine_args import check_names
     from language_server.server import run as run_server
 
     if not args.model:
         raise SystemExit("dvd language: --model (or DVD_LANGUAGE_MODEL) is required")
+    require_servable(args.model, COMMAND)
     config = config_from_args(args)
     # Before logging is set up and anything heavy is read: a misspelt engine argument fails
     # in seconds, not after the checkpoint has been prepared.

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dvd.discovery import parse_targets
 from dvd.routing import VISION_ROUTINGS
+from dvd.tls import TlsConfig
 from dvd.transport import NAMES as TRANSPORTS
 from dvd.vir_mode import NAMES as VIR_NAMES
 from language_server.engine_args import EngineArgs, check_owned
@@ -65,6 +66,9 @@ class LanguageServerConfig:
     rdma_gid_index: int = 0
     metrics_port: int = 0
     cache_dir: str = ""
+    # One identity for its gRPC port, the tcp transport's data port, and its calls to
+    # vision servers (dvd.tls).
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -111,6 +115,7 @@ class LanguageServerConfig:
             if not ok:
                 raise ValueError(f"language server: invalid {name}={getattr(self, name)!r}")
         self._check_kv_cache_sizing()
+        self.tls.check_listener("language server")
         try:
             check_owned(self.engine_args)
         except ValueError as exc:

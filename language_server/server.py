@@ -14,6 +14,7 @@ from dvd.checkpoint.verify import verify_llm
 from dvd.env import cache_dir
 from dvd.features import parse_dtype
 from dvd.grpc_server import bind, new_server, serve_until_signal
+from dvd.tls import Tls
 from dvd.transport import FeatureReceiver, receiver_class
 from dvd.v1 import language_pb2_grpc
 from language_server.admission import WaitingRoom
@@ -29,6 +30,13 @@ from language_server.vllm_version import check_vllm_version
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_CAP = 32768
+TRUST = {
+    "shm": "features stay in this host's shared memory; TLS covers the Encode stream that "
+    "carries their offsets",
+    "rdma": "RDMA writes are not encrypted; TLS covers the Encode stream and RdmaConnect, "
+    "which carry the queue pair, buffer address and rkey",
+}
+"""What TLS does and does not cover for the transports without a connection of their own."""
 
 
 def context_length(config: LanguageServerConfig, checkpoint: InternVLConfig) -> int:
@@ -55,7 +63,10 @@ def verify_checkpoint(config: LanguageServerConfig, checkpoint: InternVLConfig) 
 
 
 def make_feature_source(
-    config: LanguageServerConfig, checkpoint: InternVLConfig, metrics: LanguageMetrics
+    config: LanguageServerConfig,
+    checkpoint: InternVLConfig,
+    metrics: LanguageMetrics,
+    tls: Tls | None = None,
 ) -> FeatureSource:
     dtype = parse_dtype(config.dtype)
     if config.mode == "dvd":
@@ -67,13 +78,14 @@ def make_feature_source(
             list(config.vision),
             dtype,
             config.vision_timeout_s,
-            make_receiver(config),
+            make_receiver(config, tls),
             max_rows,
             checkpoint.llm_hidden_size,
             routing=config.vision_routing,
             resolve_s=config.vision_resolve_s,
             dns_server=config.dns_server,
             metrics=metrics,
+            tls=tls,
         )
     from language_server.coupled import CoupledVision
     from vision_server.encoder import TilingLimits, VisionEncoder
@@ -89,14 +101,19 @@ def make_feature_source(
     return CoupledVision(encoder, limits, config.max_batch_tiles, mode)
 
 
-def make_receiver(config: LanguageServerConfig) -> FeatureReceiver:
-    """The transport's receiving side, with the settings its backend takes."""
+def make_receiver(config: LanguageServerConfig, tls: Tls | None = None) -> FeatureReceiver:
+    """The transport's receiving side, with the settings its backend takes. With TLS, the
+    tcp data port takes TLS only (mTLS with a CA), like the gRPC port; shm and rdma open
+    no connection of their own (see TRUST)."""
+    if tls is not None and config.transport in TRUST:
+        log.info("%s transport: %s", config.transport, TRUST[config.transport])
     options: dict[str, dict[str, object]] = {
         "shm": {"arena_bytes": config.shm_arena_mib * 2**20},
         "tcp": {
             "host": config.tcp_host,
             "port": config.tcp_port,
             "advertise": config.tcp_advertise or None,
+            "tls": tls.server_context() if tls is not None else None,
         },
         "rdma": {
             "device": config.rdma_device or None,
@@ -128,6 +145,7 @@ def engine_settings(config: LanguageServerConfig, view: Path, max_model_len: int
 
 
 async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
+    tls = config.tls.load()  # before vLLM starts: a bad file fails in a moment
     check_vllm_version()
     checkpoint = load_config(config.model)
     max_model_len = context_length(config, checkpoint)
@@ -137,7 +155,7 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
     engine = LlmEngine.start(engine_settings(config, view, max_model_len))
     builder = PromptBuilder.from_checkpoint(checkpoint, view, parse_dtype(config.dtype))
     metrics = LanguageMetrics()
-    vision = make_feature_source(config, checkpoint, metrics)
+    vision = make_feature_source(config, checkpoint, metrics, tls)
     await vision.start()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
@@ -158,7 +176,7 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
     service = LanguageService(limits, builder, engine, vision, metrics, waiting)
     server = new_server()
     language_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
-    bind(server, config.address)
+    bind(server, config.address, tls)
 
     async def on_stop() -> None:
         service.ready = False
@@ -166,7 +184,7 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
         engine.shutdown()
 
     await serve_until_signal(
-        server, f"language server ({config.mode})", config.address, grace_s, on_stop
+        server, f"language server ({config.mode})", config.address, grace_s, on_stop, tls=tls
     )
 
 

@@ -46,6 +46,7 @@ from dvd.errors import DvdError, InvalidInput, Overloaded, Unavailable
 from dvd.features import wire_dtype
 from dvd.grpc_options import CHANNEL_OPTIONS
 from dvd.routing import CACHE_AFFINE, VISION_ROUTINGS, LeastLoaded, bounded_affinity
+from dvd.tls import Tls, describe_client, open_channel
 from dvd.transport import FeatureReceiver, Reception
 from dvd.transport.base import RequestShape
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
@@ -66,11 +67,12 @@ QUARANTINE_S = 30.0
 
 
 class VisionServer:
-    """One member: a vision server process at one address."""
+    """One member: a vision server process at one address, dialled as `name` (the DNS name
+    it came from, or the address: what its TLS certificate must carry)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, name: str, tls: Tls | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(address, name, tls, CHANNEL_OPTIONS)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
         self.session = EncodeSession(self.stub)  # every Encode call to it goes here
         self.images_in_flight = 0
@@ -99,6 +101,7 @@ class VisionPool:
         resolve_s: float = DEFAULT_RESOLVE_S,
         dns_server: str = "",
         metrics: LanguageMetrics | None = None,
+        tls: Tls | None = None,
     ) -> None:
         if routing not in VISION_ROUTINGS:
             raise ValueError(f"vision_routing must be one of {VISION_ROUTINGS}, not {routing!r}")
@@ -112,7 +115,7 @@ class VisionPool:
         self.members = Members(
             parse_targets(targets),
             make_resolver(dns_server),
-            VisionServer,
+            lambda address, name: VisionServer(address, name, tls),
             lambda server: server.images_in_flight > 0,
             self._close_member,
             resolve_s,
@@ -120,6 +123,7 @@ class VisionPool:
         )
         self._least_loaded = LeastLoaded()
         self._started: asyncio.Task[None] | None = None
+        log.info("vision pool: calls vision servers over %s", describe_client(tls))
 
     async def start(self) -> None:
         """Resolves the targets and starts re-resolving; idempotent (encode calls it)."""

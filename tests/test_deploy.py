@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import fnmatch
 import functools
 import importlib.util
@@ -48,7 +47,7 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_CUDA = DEPLOY / "compose.cuda.yaml"
 K8S = DEPLOY / "k8s"
-OVERLAYS = ("cpu", "gpu", "gpu-38b", "rdma")
+OVERLAYS = ("cpu", "gpu", "gpu-38b", "rdma", "tls")
 HEALTHCHECK = DEPLOY / "healthcheck.py"
 DASHBOARD = DEPLOY / "grafana" / "dvd-serve.json"
 DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.cuda")
@@ -60,8 +59,9 @@ CALLS = {"vision": None, "language": "vision", "gateway": "language"}
 """Which role the addresses of each role's --vision / --language point at."""
 NON_FLAG_VARIABLES = {"DVD_CACHE_DIR": None}
 """DVD_* variables dvd reads that are not flags (dvd.env.cache_dir)."""
-CRD_KINDS = {"ServiceMonitor"}
-"""Kinds whose schemas kubernetes-validate does not bundle (Prometheus Operator CRDs)."""
+CRD_KINDS = {"ServiceMonitor", "Certificate", "Issuer"}
+"""Kinds whose schemas kubernetes-validate does not bundle (Prometheus Operator and
+cert-manager CRDs)."""
 COMPOSE_VARIABLES = {"MODEL_DIR": "/srv/models/InternVL3_5-8B"}
 """What compose interpolates from the shell; the rest of the ${...} take their defaults."""
 COMPOSE_SETS = {"cpu": (COMPOSE,), "cuda": (COMPOSE, COMPOSE_CUDA)}
@@ -152,10 +152,9 @@ def check_config(role: str, ns: argparse.Namespace) -> None:
 
         check_names(language_config(ns).engine_args)  # against vLLM's own names
         return
-    from vision_server.config import VisionServerConfig
+    from vision_server.cli import config_from_args as vision_config
 
-    fields = {f.name for f in dataclasses.fields(VisionServerConfig)}
-    VisionServerConfig(**{k: v for k, v in vars(ns).items() if k in fields})
+    vision_config(ns)
 
 
 def served_ports(role: str, ns: argparse.Namespace) -> dict[str, int]:
@@ -777,6 +776,61 @@ def test_network_policies_let_each_tier_reach_only_the_next(overlay: str) -> Non
     assert sources("gateway") == {"http": {"*"}}
     assert sources("language") == {"grpc": {"gateway"}, "metrics": {"*"}}
     assert sources("vision") == {"grpc": {"language"}, "metrics": {"*"}}
+
+
+def test_tls_overlay_gives_each_tier_a_certificate_its_callers_accept() -> None:
+    """overlays/tls: every tier mounts the Secret its cert-manager Certificate writes, where
+    its DVD_<TIER>_TLS_* variables point (cert-manager's key names); the certificates come
+    from the overlay's own CA; each carries the name its callers check; the servers end up
+    in mutual TLS, and dvd-healthcheck reads the same files."""
+    docs = rendered_docs(K8S / "overlays" / "tls")
+    kinds: dict[str, dict[str, dict]] = {}
+    for doc in docs:
+        kinds.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    env = next(c for n, c in kinds["ConfigMap"].items() if n.startswith("dvd-config"))["data"]
+    certificates = {c["spec"]["secretName"]: c["spec"] for c in kinds["Certificate"].values()}
+    issuers = kinds["Issuer"]
+    ca_secrets = {name for name, spec in certificates.items() if spec.get("isCA")}
+    served: dict[str, dict] = {}
+    for role in SERVER_ROLES:
+        pod = kinds["Deployment"][f"dvd-{role}"]["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tls"]
+        folder = mount["mountPath"]
+        prefix = f"DVD_{role.upper()}_TLS_"
+        files = {part: env[prefix + part] for part in ("CERT", "KEY", "CA")}
+        assert files == {
+            "CERT": f"{folder}/tls.crt",
+            "KEY": f"{folder}/tls.key",
+            "CA": f"{folder}/ca.crt",
+        }, role
+        spec = certificates[volume["secret"]["secretName"]]
+        issuer = issuers[spec["issuerRef"]["name"]]["spec"]
+        assert issuer["ca"]["secretName"] in ca_secrets, role
+        served[role] = spec
+        ns = parse_dvd(role, [], env)
+        if role != "gateway":
+            from dvd.flags import tls_from_args
+
+            assert tls_from_args(ns).listener_mode == "mTLS", role
+            with dvd_environment(env):
+                probe = healthcheck().tls_files(role)
+            assert probe == (files["CERT"], files["KEY"], files["CA"]), role
+            assert {"server auth", "client auth"} <= set(spec["usages"]), role
+        else:
+            assert "client auth" in spec["usages"]
+
+    def checked_name(caller: str, variable: str) -> str:
+        override = env.get(f"DVD_{caller.upper()}_TLS_SERVER_NAME")
+        if override:
+            return override
+        target = split_target(env[variable])
+        assert target is not None
+        return target[0]
+
+    assert checked_name("gateway", "DVD_GATEWAY_LANGUAGE") in served["language"]["dnsNames"]
+    assert checked_name("language", "DVD_LANGUAGE_VISION") in served["vision"]["dnsNames"]
+    assert env["DVD_VISION_TLS_SERVER_NAME"] in served["language"]["dnsNames"]  # tcp data port
 
 
 def test_checker_catches_bogus_flags_variables_and_ports(tmp_path: Path) -> None:

@@ -61,8 +61,9 @@ def test_a_dns_server_resolver_asks_that_server(dns_server: DnsServer) -> None:
 
 
 class Member:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, name: str = "") -> None:
         self.address = address
+        self.name = name
         self.calls = 0
         self.closed = False
 
@@ -89,6 +90,13 @@ def test_members_follow_the_name_and_drain_before_leaving(dns_server: DnsServer)
         members = _members(dns_server, "dns:///vision.test:7000", "127.0.0.9:7001")
         await members.start()
         assert list(members.active) == ["127.0.0.2:7000", "127.0.0.3:7000", "127.0.0.9:7001"]
+        # each member knows the name it was dialled by: what its TLS certificate must carry
+        names = {address: member.name for address, member in members.active.items()}
+        assert names == {
+            "127.0.0.2:7000": "vision.test",
+            "127.0.0.3:7000": "vision.test",
+            "127.0.0.9:7001": "127.0.0.9",
+        }
         leaving = members.active["127.0.0.2:7000"]
         leaving.calls = 1  # a call still on it
         dns_server.set("vision.test", ["127.0.0.3", "127.0.0.4"])

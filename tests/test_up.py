@@ -103,31 +103,40 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
     assert "config.json" in result.stderr
 
 
-def arenas() -> set[str]:
-    return {path.name for path in Path("/dev/shm").glob("dvd-arena-*")}
+def arenas(owner_pid: int) -> set[str]:
+    """The shm arenas a language server with this pid created (other tests, running in
+    parallel, have arenas of their own)."""
+    return {path.name for path in Path("/dev/shm").glob(f"dvd-arena-{owner_pid}-*")}
 
 
 def test_shm_arenas_do_not_outlive_processes_killed_with_sigkill(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    before = arenas()
     first = start_stack(tiny_checkpoint, tmp_path / "first", "--transport", "shm")
+    first_language = children_by_role(first.process.pid)["language"]
+    second_language = None
     try:
-        owned = arenas() - before
+        owned = arenas(first_language.pid)
         assert len(owned) == 1
-        children_by_role(first.process.pid)["language"].kill()  # SIGKILL: no clean-up
+        first_language.kill()  # SIGKILL: no clean-up
         assert first.process.wait(60) == 1
-        assert owned <= arenas()
+        assert owned == arenas(first_language.pid)
         second = start_stack(tiny_checkpoint, tmp_path / "second", "--transport", "shm")
         try:
-            assert not owned & arenas(), "the restarted language server removes stale arenas"
+            second_language = children_by_role(second.process.pid)["language"]
+            assert not arenas(first_language.pid), (
+                "the restarted language server removes stale arenas"
+            )
+            assert len(arenas(second_language.pid)) == 1
             children_by_role(second.process.pid)["vision"].kill()  # the writer side dies
             assert second.process.wait(60) == 1
         finally:
             second.stop(timeout_s=5)
     finally:
         first.stop(timeout_s=5)
-    assert arenas() == before
+    assert not arenas(first_language.pid)
+    if second_language is not None:
+        assert not arenas(second_language.pid)
 
 
 def test_vision_replicas_serve_as_one_pool(tmp_path: Path, tiny_checkpoint: Path) -> None:

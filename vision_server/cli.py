@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from dvd.flags import add_flag
+from dvd.flags import add_flag, add_tls_flags, tls_from_args
+
+if TYPE_CHECKING:
+    from vision_server.config import VisionServerConfig
 
 COMMAND = "vision"
 
@@ -82,19 +86,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "default tile resolution: router (ViR, -Flash models), always-1/4, always-1/16; "
         "auto picks router on -Flash checkpoints with flash_mode on, else always-1/4",
     )
+    add_tls_flags(parser, COMMAND, "the language servers' tcp data ports")
     add_flag(parser, COMMAND, "--log-level", "info", "logging level")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from dvd.grpc_server import setup_logging
+def config_from_args(args: argparse.Namespace) -> VisionServerConfig:
+    """The config `dvd vision` runs with; ValueError names a bad field."""
     from vision_server.config import VisionServerConfig
-    from vision_server.server import run as run_server
 
-    if not args.model:
-        raise SystemExit("dvd vision: --model (or DVD_VISION_MODEL) is required")
-    setup_logging(args.log_level)
-    config = VisionServerConfig(
+    return VisionServerConfig(
         model=args.model,
         host=args.host,
         port=args.port,
@@ -112,5 +113,19 @@ def run(args: argparse.Namespace) -> int:
         encoder_cache_mib=args.encoder_cache_mib,
         rdma_device=args.rdma_device,
         rdma_gid_index=args.rdma_gid_index,
+        tls=tls_from_args(args),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dvd.checkpoint.family import require_servable
+    from dvd.grpc_server import setup_logging
+    from vision_server.server import run as run_server
+
+    if not args.model:
+        raise SystemExit("dvd vision: --model (or DVD_VISION_MODEL) is required")
+    # Before torch and the model load: a family this version cannot serve is a one-line error.
+    require_servable(args.model, COMMAND)
+    config = config_from_args(args)
+    setup_logging(args.log_level)
     return run_server(config)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from dvd.tls import TlsConfig
 from dvd.transport import parse_names as parse_transports
 from dvd.vir_mode import NAMES as VIR_NAMES
 
@@ -37,6 +38,8 @@ class VisionServerConfig:
     rdma_gid_index: int = 0
     encoder_cache_mib: int = 512  # 0 disables the cache of encoded images
     vir_mode: str = "auto"  # auto: the router on -Flash checkpoints, else always-1/4
+    # Its gRPC port's TLS, and the client side of the tcp transport's data connections.
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         checks = {
@@ -62,6 +65,7 @@ class VisionServerConfig:
         if self.vir_mode not in ("auto", *VIR_NAMES):
             raise ValueError(f"vision server: vir_mode must be auto or one of {VIR_NAMES}")
         parse_transports(self.transport)  # ValueError naming the unknown one
+        self.tls.check_listener("vision server")
 
     @property
     def queued_tiles_bound(self) -> int:

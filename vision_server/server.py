@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 from dvd.checkpoint import load_config
 from dvd.features import parse_dtype
 from dvd.grpc_server import bind, new_server, serve_until_signal
+from dvd.tls import Tls, describe_client
 from dvd.transport import FeatureSender, parse_names, sender_class
 from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import TileBatcher
@@ -23,11 +24,17 @@ from vision_server.service import VisionService
 log = logging.getLogger(__name__)
 
 
-def make_sender(name: str, config: VisionServerConfig) -> FeatureSender:
-    """A transport's sending side, with the settings its backend takes."""
+def make_sender(name: str, config: VisionServerConfig, tls: Tls | None = None) -> FeatureSender:
+    """A transport's sending side, with the settings its backend takes. Only tcp opens
+    connections of its own, so only it takes `tls`: shm never leaves the host, and rdma's
+    set-up travels over this server's (TLS) gRPC port."""
     if name == "rdma":
         options = {"device": config.rdma_device or None, "gid_index": config.rdma_gid_index}
         return sender_class(name)(**options)  # type: ignore[call-arg]
+    if name == "tcp" and tls is not None:
+        log.info("tcp transport: data connections %s", describe_client(tls))
+        tcp_options = {"tls": tls.client_context(), "server_name": tls.config.server_name}
+        return sender_class(name)(**tcp_options)  # type: ignore[call-arg]
     return sender_class(name)()
 
 
@@ -46,6 +53,7 @@ def check_device(device: str) -> None:
 
 
 async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
+    tls = config.tls.load()  # before the model: a bad file fails in a moment
     check_device(config.device)
     checkpoint = load_config(config.model)
     encoder = VisionEncoder(checkpoint, config.device, parse_dtype(config.dtype))
@@ -64,12 +72,12 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
         if config.queued_tiles_bound
         else "no bound on queued tiles",
     )
-    senders = {name: make_sender(name, config) for name in parse_names(config.transport)}
+    senders = {name: make_sender(name, config, tls) for name in parse_names(config.transport)}
     cache = EncoderCache(config.encoder_cache_mib * 2**20)
     service = VisionService(config, encoder, batcher, metrics, senders, cache)
     server = new_server()
     vision_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
-    bind(server, config.address)
+    bind(server, config.address, tls)
 
     async def on_stop() -> None:
         service.ready = False
@@ -77,7 +85,13 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
         service.close()
 
     await serve_until_signal(
-        server, "vision server", config.address, grace_s, on_stop, on_draining=service.drain
+        server,
+        "vision server",
+        config.address,
+        grace_s,
+        on_stop,
+        on_draining=service.drain,
+        tls=tls,
     )
 
 

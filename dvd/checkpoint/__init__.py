@@ -1,10 +1,14 @@
-"""InternVL3.5 checkpoints: read either published layout by key name, no remote code; write
-small random-weight checkpoints with the real releases' layout.
+"""InternVL3.5 and Qwen3-VL checkpoints: read the published layouts by key name, no remote
+code; write small random-weight checkpoints with the real releases' layout.
 
-Modules: `config` (config.json -> InternVLConfig), `names` (weight names of both layouts),
-`weights` (lazy safetensors access), `llm_tensors` and `verify` (the tensors config.json
-calls for, checked before serving), `presets` (sizes), `tokenizer`, `config_files`,
-`random_weights`, `hf_writer` and `make` (writing), `cli` (`dvd make-checkpoint`).
+Modules: `family` (which family a folder holds, and whether this version serves it: the one
+question the servers and `dvd up` ask first), `config` (InternVL config.json ->
+InternVLConfig), `names` (weight names of both InternVL layouts), `weights` (lazy safetensors
+access), `llm_tensors` and `verify` (the tensors config.json calls for, checked before
+serving), `presets` (sizes), `tokenizer`, `config_files`, `random_weights`, `hf_writer` and
+`make` (writing), `cli` (`dvd make-checkpoint`). Qwen3-VL has its own `qwen3vl_config`,
+`qwen3vl_verify`, `qwen3vl_presets`, `qwen3vl_tokenizer` and `qwen3vl_writer` (its facts
+are in those modules' docstrings and docs/qwen3vl.md).
 
 LLM settings that can live at two levels of config.json, and which level wins (read in
 transformers 5.19's configuration_internvl.py / modeling_utils.py and in OpenGVLab's
@@ -59,17 +63,25 @@ Sources the names, shapes, config keys and tokenizer facts were checked against:
 """
 
 from dvd.checkpoint.config import FlashConfig, InternVLConfig, VisionConfig, load_config
+from dvd.checkpoint.family import Family, checkpoint_family
 from dvd.checkpoint.make import make_checkpoint
 from dvd.checkpoint.presets import PRESETS, Preset
+from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
+from dvd.checkpoint.qwen3vl_presets import QWEN3VL_PRESETS
 from dvd.checkpoint.weights import CheckpointWeights
 
 __all__ = [
     "PRESETS",
+    "QWEN3VL_PRESETS",
     "CheckpointWeights",
+    "Family",
     "FlashConfig",
     "InternVLConfig",
     "Preset",
+    "Qwen3VLConfig",
     "VisionConfig",
+    "checkpoint_family",
     "load_config",
+    "load_qwen3vl_config",
     "make_checkpoint",
 ]

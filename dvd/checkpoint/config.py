@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvd.checkpoint.family import ARCHITECTURES, Family
+
 log = logging.getLogger(__name__)
 
 ORIGINAL = "original"
@@ -206,10 +208,16 @@ def load_config(path: str | Path) -> InternVLConfig:
     """Reads `path`/config.json; ValueError naming the file and key on anything wrong."""
     folder = Path(path)
     config_file = folder / "config.json"
-    raw = _read_json(config_file)
+    raw = read_json_object(config_file)
     architectures = raw.get("architectures")
     if not isinstance(architectures, list) or not architectures:
         raise ValueError(f"{config_file}: key 'architectures' is missing or empty")
+    if ARCHITECTURES.get(architectures[0]) in (Family.QWEN3_VL, Family.QWEN3_VL_MOE):
+        raise ValueError(
+            f"{config_file}: architecture {architectures[0]!r} is Qwen3-VL, not InternVL: "
+            "dvd.checkpoint.qwen3vl_config.load_qwen3vl_config reads it (serving it is not "
+            "implemented yet; see dvd.checkpoint.family)"
+        )
     layout = _ARCHITECTURES.get(architectures[0])
     if layout is None:
         raise ValueError(
@@ -274,7 +282,7 @@ def _load_hf(folder: Path, config_file: Path, raw: dict[str, Any]) -> InternVLCo
     tiling = dict(_HF_PREPROCESSOR_DEFAULTS)
     preprocessor_file = folder / "preprocessor_config.json"
     if preprocessor_file.exists():
-        tiling.update(_read_json(preprocessor_file))
+        tiling.update(read_json_object(preprocessor_file))
     return InternVLConfig(
         path=folder,
         layout=HF,
@@ -366,7 +374,8 @@ def _tie_word_embeddings(
     return bool(resolve_text_config(llm).tie_word_embeddings)
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in `file`; ValueError naming the file if it is missing or not one."""
     if not file.is_file():
         raise ValueError(f"{file}: no such file")
     try:

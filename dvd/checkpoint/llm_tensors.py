@@ -17,6 +17,7 @@ transformers, will fill them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 Shapes = dict[str, tuple[int, ...]]
@@ -48,6 +49,35 @@ def expected_llm_tensors(llm_config: dict[str, Any], tied: bool) -> tuple[Shapes
         for suffix, shape in layer(text, i).items():
             shapes[f"model.layers.{i}.{suffix}"] = shape
     return shapes, True
+
+
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_experts(shapes: Shapes) -> Shapes:
+    """The same MoE tensors as Qwen3-VL-MoE releases store them: per layer, all experts in
+    two 3-D tensors, `mlp.experts.gate_up_proj` (experts, hidden, 2 x moe_intermediate; gate
+    columns first) and `mlp.experts.down_proj` (experts, moe_intermediate, hidden), i.e.
+    transposed against nn.Linear (vLLM 0.32's qwen3_vl_moe.py loads them with
+    is_fused_checkpoint_transposed=True; transformers 5 transposes them on load)."""
+    out: Shapes = {}
+    experts: dict[int, dict[str, tuple[int, ...]]] = {}
+    counts: dict[int, set[int]] = {}
+    for name, shape in shapes.items():
+        match = _EXPERT.match(name)
+        if match is None:
+            out[name] = shape
+            continue
+        layer, expert, part = int(match.group(1)), int(match.group(2)), match.group(3)
+        experts.setdefault(layer, {})[part] = shape
+        counts.setdefault(layer, set()).add(expert)
+    for layer, parts in experts.items():
+        count = len(counts[layer])
+        intermediate, hidden = parts["gate"]
+        prefix = f"model.layers.{layer}.mlp.experts."
+        out[prefix + "gate_up_proj"] = (count, hidden, 2 * intermediate)
+        out[prefix + "down_proj"] = (count, intermediate, hidden)
+    return out
 
 
 def _head_dim(text: Any) -> int:

@@ -123,6 +123,12 @@ def added_tokens(layout: str) -> list[tuple[str, bool]]:
 
 def build_tokenizer(layout: str) -> Tokenizer:
     """The byte-level BPE learned from CORPUS, plus the added tokens of `layout`."""
+    return build_tokenizer_with(added_tokens(layout))
+
+
+def build_tokenizer_with(added: list[tuple[str, bool]]) -> Tokenizer:
+    """The byte-level BPE learned from CORPUS, plus `added` ((content, special), in id
+    order from REGULAR_VOCAB on). Other families (Qwen3-VL) reuse it with their tokens."""
     from tokenizers import (
         AddedToken,
         Regex,
@@ -165,7 +171,7 @@ def build_tokenizer(layout: str) -> Tokenizer:
     if tokenizer.get_vocab_size() != REGULAR_VOCAB:
         # The corpus must support REGULAR_VOCAB merges, or every added id would move.
         raise RuntimeError(f"BPE learned {tokenizer.get_vocab_size()} tokens, not {REGULAR_VOCAB}")
-    for content, special in added_tokens(layout):
+    for content, special in added:
         token = AddedToken(
             content,
             single_word=False,
@@ -202,17 +208,17 @@ def write_tokenizer_files(out: Path, layout: str, model_max_length: int) -> Toke
     tokenizer.model.save(str(out))  # vocab.json + merges.txt, as Qwen ships them
     added = added_tokens(layout)
     added_ids = {content: REGULAR_VOCAB + i for i, (content, _) in enumerate(added)}
-    _write_json(out / "added_tokens.json", dict(sorted(added_ids.items())))
+    write_json(out / "added_tokens.json", dict(sorted(added_ids.items())))
     template = HF_CHAT_TEMPLATE if layout == "hf" else ORIGINAL_CHAT_TEMPLATE
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     additional = list(QWEN3_ADDITIONAL_SPECIAL)
     if layout == "hf":
         # transformers' converter adds InternVL's tokens as additional special tokens.
         additional += [*INTERNVL_TOKENS, HF_VIDEO_TOKEN]
-    _write_json(out / "special_tokens_map.json", _special_tokens_map(additional))
-    _write_json(
+    write_json(out / "special_tokens_map.json", _special_tokens_map(additional))
+    write_json(
         out / "tokenizer_config.json",
-        _tokenizer_config(layout, added, additional, template, model_max_length),
+        tokenizer_config(layout, added, additional, template, model_max_length),
     )
     return ids
 
@@ -234,13 +240,15 @@ def _special_tokens_map(additional: list[str]) -> dict[str, Any]:
     }
 
 
-def _tokenizer_config(
+def tokenizer_config(
     layout: str,
     added: list[tuple[str, bool]],
     additional: list[str],
     template: str,
     model_max_length: int,
 ) -> dict[str, Any]:
+    """tokenizer_config.json: Qwen3's keys, and InternVLProcessor's on the -HF layout (any
+    other `layout` gets Qwen3's alone)."""
     decoder = {
         str(REGULAR_VOCAB + i): {
             "content": content,
@@ -283,5 +291,5 @@ def _tokenizer_config(
     return config
 
 
-def _write_json(file: Path, data: Any) -> None:
+def write_json(file: Path, data: Any) -> None:
     file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

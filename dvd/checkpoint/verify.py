@@ -126,6 +126,8 @@ def stored_vision_tensors(weights: CheckpointWeights) -> dict[str, StoredTensor]
     `CheckpointWeights.vision_state_dict` loads them. A -HF vision name this layout does not
     define is reported as such rather than dropped.
     """
+    if not isinstance(weights.config, InternVLConfig):
+        raise TypeError(f"{weights.config.path}: stored_vision_tensors reads InternVL names")
     shapes = weights.shapes()
     out: dict[str, StoredTensor] = {}
     for stored in weights.names():

@@ -1,4 +1,4 @@
-"""Lazy access to a checkpoint's safetensors by name, in either layout.
+"""Lazy access to a checkpoint's safetensors by name (InternVL in either layout, Qwen3-VL).
 
 Only headers are read up front; a tensor is read (memory-mapped by safetensors) when asked
 for, so a vision server never touches the LLM's weights and vice versa.
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from dvd.checkpoint import names
 from dvd.checkpoint.config import HF, InternVLConfig
+from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +23,7 @@ INDEX_FILE = "model.safetensors.index.json"
 class CheckpointWeights:
     """The tensors of one checkpoint, read on demand."""
 
-    def __init__(self, config: InternVLConfig) -> None:
+    def __init__(self, config: InternVLConfig | Qwen3VLConfig) -> None:
         self.config = config
         self._file_of = _index(config.path)
         self.files: list[Path] = sorted(set(self._file_of.values()))
@@ -72,6 +73,8 @@ class CheckpointWeights:
         """
         import torch
 
+        if not isinstance(self.config, InternVLConfig):
+            raise TypeError(f"{self.config.path}: vision_state_dict reads InternVL checkpoints")
         if self.config.layout != HF:
             out = {n: self.get(n) for n in self.names() if names.is_original_vision_name(n)}
         else:

@@ -25,7 +25,12 @@ Only a connection that presents a live token can write, and only inside that tok
 buffers (offsets and lengths are checked, in whole rows). A frame outside the buffers fails
 its request and closes the connection; a frame with an unknown token closes the
 connection; a frame for a recently released token is read and dropped (late bytes). The
-token is a capability, not encryption: run the data port on a trusted network.
+token is a capability, not encryption: without TLS, run the data port on a trusted network.
+With TLS (dvd.tls; the language server's --tls-cert/--tls-key/--tls-ca), the data port is a
+TLS listener, mutual with a CA: a sender must present a certificate the CA signed, and
+checks the listener's (wire.py: the handshake and its ACCEPTED byte). Frames then travel
+as TLS records of at most 16 KiB, each read and decrypted by Python's ssl module: slower
+than the plaintext path's one recv per frame.
 
 Where the sender writes. The vision server iterates `Emission.achunks()`, which hands each
 frame to a worker thread (blocking `sendmsg`, GIL released) and yields its chunks once the

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from dvd.features import torch_dtype
 from dvd.transport.base import FeatureReceiver, Reception, RequestShape
 from dvd.transport.regions import planned_rows
 from dvd.transport.tcp.wire import (
+    ACCEPTED,
     HEADER,
     TOKEN_BYTES,
     ByteRanges,
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 DEFAULT_POOL_BYTES = 512 * 2**20
 MAX_CONNECTIONS = 64
 RELEASED_TOKENS_KEPT = 4096
+HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a data connection may take over its TLS handshake."""
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
@@ -235,6 +239,11 @@ class Receiver(FeatureReceiver):
     when host is a wildcard); `address` is what destinations carry. `pool_bytes` bounds
     the released buffers kept for reuse; `max_connections` the data connections served
     at once (one reader thread each).
+
+    `tls` (dvd.tls.Tls.server_context) makes the listener take TLS connections only (and
+    only senders with a certificate its CA signed, when the context requires one): a
+    plaintext sender, or one it refuses, is logged and closed after its handshake fails
+    (at most HANDSHAKE_TIMEOUT_S).
     """
 
     name = "tcp"
@@ -247,6 +256,7 @@ class Receiver(FeatureReceiver):
         *,
         pool_bytes: int = DEFAULT_POOL_BYTES,
         max_connections: int = MAX_CONNECTIONS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if pool_bytes < 0 or max_connections < 1:
             raise ValueError("pool_bytes must be >= 0 and max_connections >= 1")
@@ -258,6 +268,7 @@ class Receiver(FeatureReceiver):
         self.address = join_address(advertise, self.port)
         self._pool_bytes = pool_bytes
         self._max_connections = max_connections
+        self._tls = tls
         self._lock = threading.Lock()
         self._receptions: dict[bytes, TcpReception] = {}
         self._released: OrderedDict[bytes, list[int]] = OrderedDict()  # token -> capacities
@@ -270,6 +281,13 @@ class Receiver(FeatureReceiver):
             target=self._accept_loop, name=f"dvd-tcp-accept-{self.port}", daemon=True
         )
         self._acceptor.start()
+        if tls is None:
+            security = "plaintext"
+        elif tls.verify_mode == ssl.CERT_REQUIRED:
+            security = "mTLS: senders need a certificate the CA signed"
+        else:
+            security = "TLS"
+        log.info("tcp data port listening on %s (%s)", self.address, security)
 
     @property
     def connection_count(self) -> int:
@@ -298,7 +316,9 @@ class Receiver(FeatureReceiver):
             receptions = list(self._receptions.values())
         for sock in [self._listener, *connections]:
             with contextlib.suppress(OSError):  # wakes the thread blocked in accept/recv
-                sock.shutdown(socket.SHUT_RDWR)
+                # socket.socket's own shutdown: a TLS socket's would drop its TLS state
+                # under the reader thread.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
         self._acceptor.join(timeout=5)
         self._listener.close()
         for thread in connections.values():
@@ -363,8 +383,13 @@ class Receiver(FeatureReceiver):
 
     def _serve(self, sock: socket.socket, peer: object) -> None:
         try:
+            if self._tls is not None:
+                sock = self._wrap(sock, self._tls)
+                self._handshake(sock, peer)
             sock.settimeout(None)  # blocking, so MSG_WAITALL fills a frame in one call
             self._read_frames(sock)
+        except _Refused:
+            pass
         except ProtocolError as exc:
             log.warning("tcp data connection from %s closed: %s", peer, exc)
         except OSError as exc:
@@ -375,6 +400,33 @@ class Receiver(FeatureReceiver):
             with self._lock:
                 self._connections.pop(sock, None)
             sock.close()
+
+    def _wrap(self, raw: socket.socket, tls: ssl.SSLContext) -> ssl.SSLSocket:
+        """The connection as a TLS socket (no I/O yet), registered in raw's place so that
+        close() shuts it down."""
+        with self._lock:
+            if self._closed:  # close() has already shut the raw socket down, or will not see it
+                raise _Refused()
+            sock = tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            self._connections[sock] = self._connections.pop(raw)
+        return sock
+
+    def _handshake(self, sock: ssl.SSLSocket, peer: object) -> None:
+        """The TLS handshake, then ACCEPTED (wire.py); _Refused, logged, when it fails."""
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            sock.do_handshake()
+            sock.sendall(ACCEPTED)
+            return
+        except TimeoutError:
+            reason = f"no TLS handshake within {HANDSHAKE_TIMEOUT_S:g} s"
+        except ssl.SSLError as exc:
+            reason = _handshake_failure(exc)
+        except OSError as exc:
+            reason = f"the TLS handshake broke off ({exc})"
+        if not self._closed:
+            log.warning("tcp data connection from %s refused: %s", peer, reason)
+        raise _Refused()
 
     def _read_frames(self, sock: socket.socket) -> None:
         raw = memoryview(bytearray(HEADER.size))
@@ -405,3 +457,26 @@ class Receiver(FeatureReceiver):
             scratch = scratch or memoryview(bytearray(2**20))
             if not discard(sock, header.length, scratch):
                 return
+
+
+class _Refused(Exception):
+    """A data connection failed its TLS handshake (already logged)."""
+
+
+def _handshake_failure(exc: ssl.SSLError) -> str:
+    """What a failed handshake on the data port most likely means, for the log."""
+    reason = str(exc.reason or exc)
+    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+        return f"not TLS, a plaintext sender? ({reason})"
+    if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+        return f"the sender presented no certificate ({reason})"
+    if reason == "UNEXPECTED_EOF_WHILE_READING":
+        return f"the sender hung up during the handshake ({reason})"
+    if reason == "CERTIFICATE_VERIFY_FAILED":
+        return f"the sender's certificate is not one our --tls-ca signed ({reason})"
+    if "ALERT" in reason:
+        return (
+            f"the sender refused our certificate: check its --tls-ca and --tls-server-name "
+            f"({reason})"
+        )
+    return f"TLS handshake failed ({reason})"

@@ -4,6 +4,7 @@ the FeatureChunks that announce them (see the package docstring for the protocol
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
@@ -91,7 +92,11 @@ class TcpEmission(Emission):
 class Sender(FeatureSender):
     """Keeps up to `connections_per_receiver` persistent connections to each of the last
     `max_receivers` receivers it wrote to. `max_frame_bytes` > 0 cuts the rows of one
-    chunks() call into several frames (whole chunks each); 0 sends them as one."""
+    chunks() call into several frames (whole chunks each); 0 sends them as one.
+
+    `tls` (dvd.tls.Tls.client_context) makes every connection TLS: the receiver's
+    certificate must carry `server_name`, or by default the host of the destination's
+    address (what the language server advertises)."""
 
     name = "tcp"
 
@@ -103,6 +108,8 @@ class Sender(FeatureSender):
         send_timeout_s: float = 10.0,
         max_receivers: int = 64,
         max_frame_bytes: int = 0,
+        tls: ssl.SSLContext | None = None,
+        server_name: str = "",
     ) -> None:
         if connections_per_receiver < 1 or max_receivers < 1:
             raise ValueError("connections_per_receiver and max_receivers must be >= 1")
@@ -113,6 +120,8 @@ class Sender(FeatureSender):
         self._send_timeout_s = send_timeout_s
         self._max_receivers = max_receivers
         self._max_frame_bytes = max_frame_bytes
+        self._tls = tls
+        self._server_name = server_name
         self._pools: OrderedDict[str, ConnectionPool] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -143,7 +152,12 @@ class Sender(FeatureSender):
             pool = self._pools.get(address)
             if pool is None:
                 pool = ConnectionPool(
-                    address, self._per_receiver, self._connect_timeout_s, self._send_timeout_s
+                    address,
+                    self._per_receiver,
+                    self._connect_timeout_s,
+                    self._send_timeout_s,
+                    self._tls,
+                    self._server_name,
                 )
                 self._pools[address] = pool
             self._pools.move_to_end(address)
