@@ -310,6 +310,49 @@ def test_a_vllm_that_does_not_fit_is_refused_naming_version_and_attribute(
     assert CHECKED_VLLM[0] in message
 
 
+def test_restore_deepstack_sets_what_vllms_init_skipped(config: Qwen3VLConfig) -> None:
+    from types import SimpleNamespace
+
+    from language_server.qwen3vl_deepstack import restore_deepstack
+
+    hf = SimpleNamespace(
+        vision_config=SimpleNamespace(deepstack_visual_indexes=[0, 1, 2]),
+        text_config=SimpleNamespace(hidden_size=64),
+    )
+    model = SimpleNamespace(config=hf, visual_dim=64, use_deepstack=False, multiscale_dim=0)
+    assert restore_deepstack(model, 512) == 3
+    assert (model.use_deepstack, model.deepstack_num_level, model.multiscale_dim) == (True, 3, 192)
+    assert [tuple(b.shape) for b in model.deepstack_input_embeds] == [(512, 64)] * 3
+    assert model.deepstack_input_embeds_num_tokens == 0
+    with pytest.raises(VllmDoesNotFit, match="out_hidden_size 32 is not the text hidden size"):
+        restore_deepstack(SimpleNamespace(config=hf, visual_dim=32), 512)
+
+
+def test_the_processor_loads_without_torchvision(view: Path, config: Qwen3VLConfig) -> None:
+    import sys
+
+    from language_server.qwen3vl_compat import (
+        TORCHVISION_MODULE,
+        Qwen3VLProcessorWithoutTorchvision,
+        allow_qwen_vl_import,
+        torchvision_missing,
+    )
+
+    if not torchvision_missing():
+        pytest.skip("torchvision is installed: vLLM and transformers run unchanged")
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+
+    assert allow_qwen_vl_import() and allow_qwen_vl_import()  # idempotent
+    assert sys.modules[TORCHVISION_MODULE].smart_resize is pil.smart_resize  # type: ignore[attr-defined]
+    processor = Qwen3VLProcessorWithoutTorchvision.from_pretrained(str(view))
+    assert (processor.image_token_id, processor.video_token_id) == (
+        config.image_token_id,
+        config.video_token_id,
+    )
+    assert processor.video_processor.merge_size == config.vision.spatial_merge_size
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+
+
 def test_the_installed_vllm_fits() -> None:
     from language_server import qwen3vl_model
 
