@@ -1,4 +1,5 @@
-"""The vLLM engine, fed with prompt embeddings.
+"""The vLLM engine, fed with prompt embeddings (InternVL) or a prompt with vision rows
+(Qwen3-VL, language_server/qwen3vl_engine.py).
 
 A thin wrapper over vLLM's AsyncLLM: it owns the engine's start-up arguments, turns our
 sampling options into SamplingParams, and yields token deltas. The engine core runs in
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from language_server.engine_args import EngineArgs, build_engine_args
+from language_server.engine_args import PROMPT_EMBEDS_ARGS, EngineArgs, build_engine_args
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class EngineSettings:
     enforce_eager: bool = True
     seed: int = 0
     extra: EngineArgs = ()  # --engine-arg pairs, checked against vLLM's names
+    view_args: EngineArgs = PROMPT_EMBEDS_ARGS  # what the view's inputs need (fixed)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False  # report each generated token's log-probability
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class TokenDelta:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    prompt_tokens: int = 0  # the prompt's length in tokens (images expanded), when known
+    logprobs: tuple[float, ...] = ()  # of token_ids, when Sampling.logprobs
 
 
 class LlmEngine:
@@ -91,6 +96,16 @@ class LlmEngine:
     async def generate(
         self, request_id: str, prompt_embeds: torch.Tensor, sampling: Sampling
     ) -> AsyncIterator[TokenDelta]:
+        async for delta in self.generate_prompt(
+            request_id, {"prompt_embeds": prompt_embeds}, sampling
+        ):
+            yield delta
+
+    async def generate_prompt(
+        self, request_id: str, prompt: dict[str, Any], sampling: Sampling
+    ) -> AsyncIterator[TokenDelta]:
+        """Any prompt vLLM takes (a dict: prompt_embeds, or prompt_token_ids / prompt with
+        multi_modal_data), generated with `sampling`."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -101,16 +116,22 @@ class LlmEngine:
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
             ignore_eos=sampling.ignore_eos,
+            logprobs=0 if sampling.logprobs else None,  # 0: the chosen token's only
             output_kind=RequestOutputKind.DELTA,
         )
-        async for output in self._engine.generate(
-            {"prompt_embeds": prompt_embeds}, params, request_id=request_id
-        ):
+        async for output in self._engine.generate(prompt, params, request_id=request_id):
             completion = output.outputs[0]
+            token_ids = list(completion.token_ids)
+            logprobs = tuple(
+                float(step[token].logprob)
+                for step, token in zip(completion.logprobs or (), token_ids, strict=False)
+            )
             yield TokenDelta(
                 completion.text,
-                list(completion.token_ids),
+                token_ids,
                 completion.finish_reason if output.finished else None,
+                prompt_tokens=len(output.prompt_token_ids or ()),
+                logprobs=logprobs,
             )
 
     async def abort(self, request_id: str) -> None:

@@ -1,12 +1,14 @@
 """What dvd-serve hands vLLM's engine: its own settings, the flags, and `--engine-arg`.
 
-dvd-serve fixes a few AsyncEngineArgs itself (the LLM-only view and its load format,
-prompt embeddings), exposes the ones that serving 8B to 241B needs as flags of their own
-(`--tensor-parallel-size`, `--gpu-memory-utilization`, ...), and passes any other vLLM
-engine argument through `--engine-arg KEY=VALUE`. Names are checked against vLLM's own
-before anything heavy starts, so a typo fails in seconds with the names it was close to,
-instead of after the weights are loaded, and a key dvd-serve owns is refused with the
-flag to use instead, so no setting has two sources that could disagree.
+dvd-serve fixes a few AsyncEngineArgs itself (the LLM-only view and its load format, and
+what the view is fed: prompt embeddings for InternVL, multimodal embeddings with the tower
+skipped for Qwen3-VL, `EngineSettings.view_args`), exposes the ones that serving 8B to
+241B needs as flags of their own (`--tensor-parallel-size`, `--gpu-memory-utilization`,
+...), and passes any other vLLM engine argument through `--engine-arg KEY=VALUE`. Names
+are checked against vLLM's own before anything heavy starts, so a typo fails in seconds
+with the names it was close to, instead of after the weights are loaded, and a key
+dvd-serve owns is refused with the flag to use instead, so no setting has two sources that
+could disagree.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ OWNED = {
     "tokenizer": "it is the LLM-only view of --model that dvd-serve prepares",
     "load_format": "dvd-serve's own load format reads only the LLM's weights",
     "enable_prompt_embeds": "dvd-serve feeds vLLM prompt embeddings",
+    "enable_mm_embeds": "dvd-serve feeds vLLM the vision server's embeddings",
+    "limit_mm_per_prompt": "the vision tower runs on the vision server, never in vLLM",
+    "language_model_only": "the vision tower runs on the vision server, never in vLLM",
 }
 """Engine arguments dvd-serve sets itself and no flag changes, with the reason."""
 
@@ -45,6 +50,10 @@ FLAGS = {
     "enforce_eager": "--enforce-eager/--no-enforce-eager",
 }
 """Engine arguments that have a `dvd language` flag of their own."""
+
+
+PROMPT_EMBEDS_ARGS: EngineArgs = (("enable_prompt_embeds", True),)
+"""The engine arguments an InternVL view (a CausalLM fed prompt embeddings) needs."""
 
 
 def normalize_key(key: str) -> str:
@@ -118,7 +127,6 @@ def engine_kwargs(settings: EngineSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "model": str(settings.view),
         "load_format": LOAD_FORMAT,
-        "enable_prompt_embeds": True,
         "dtype": settings.dtype,
         "max_model_len": settings.max_model_len,
         "max_num_seqs": settings.max_num_seqs,
@@ -137,6 +145,7 @@ def engine_kwargs(settings: EngineSettings) -> dict[str, Any]:
         "enable_prefix_caching": settings.enable_prefix_caching,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
+    kwargs.update(settings.view_args)  # the inputs the view is fed (owned: not overridable)
     check_owned(settings.extra)
     kwargs.update(settings.extra)  # seed and disable_log_stats may be overridden
     return kwargs

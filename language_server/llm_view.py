@@ -34,10 +34,10 @@ _TOKENIZER_FILES = (
 )
 
 
-def _fingerprint(config: InternVLConfig) -> str:
-    config_file = config.path / "config.json"
+def _fingerprint(checkpoint: Path) -> str:
+    config_file = checkpoint / "config.json"
     stat = config_file.stat()
-    key = f"{config.path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    key = f"{checkpoint.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -47,21 +47,37 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target.resolve())
 
 
-def prepare_llm_view(config: InternVLConfig, cache_root: str | Path) -> Path:
-    """Creates (or refreshes) the view folder and returns its path."""
-    view = Path(cache_root) / "llm-views" / f"{config.name}-{_fingerprint(config)}"
+def view_folder(checkpoint: Path, cache_root: str | Path) -> Path:
+    """The (created) view folder of `checkpoint`: one per checkpoint path and config.json."""
+    view = Path(cache_root) / "llm-views" / f"{checkpoint.name}-{_fingerprint(checkpoint)}"
     view.mkdir(parents=True, exist_ok=True)
-    llm_config = dict(config.llm_config)
-    (view / "config.json").write_text(json.dumps(llm_config, indent=2))
-    for name in _TOKENIZER_FILES:
-        if (config.path / name).exists():
-            _link(config.path / name, view / name)
-    for weights in sorted(config.path.glob("*.safetensors")):
+    return view
+
+
+def link_checkpoint_files(checkpoint: Path, view: Path, names: tuple[str, ...] = ()) -> None:
+    """Links the tokenizer files, `names` and every safetensors file into `view`."""
+    for name in (*_TOKENIZER_FILES, *names):
+        if (checkpoint / name).exists():
+            _link(checkpoint / name, view / name)
+    for weights in sorted(checkpoint.glob("*.safetensors")):
         _link(weights, view / weights.name)
-    source = {"checkpoint": str(config.path.resolve()), "layout": config.layout}
+
+
+def write_source(view: Path, checkpoint: Path, **more: str) -> None:
+    """`dvd_source.json`, written last and atomically: a view with it is complete."""
+    source = {"checkpoint": str(checkpoint.resolve()), **more}
     tmp = view / (SOURCE_FILE + f".{os.getpid()}")
     tmp.write_text(json.dumps(source))
     tmp.replace(view / SOURCE_FILE)
+
+
+def prepare_llm_view(config: InternVLConfig, cache_root: str | Path) -> Path:
+    """Creates (or refreshes) the view folder and returns its path."""
+    view = view_folder(config.path, cache_root)
+    llm_config = dict(config.llm_config)
+    (view / "config.json").write_text(json.dumps(llm_config, indent=2))
+    link_checkpoint_files(config.path, view)
+    write_source(view, config.path, layout=config.layout)
     return view
 
 
