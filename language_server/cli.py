@@ -268,10 +268,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise SystemExit("dvd language: --model (or DVD_LANGUAGE_MODEL) is required")
-    require_servable(args.model, COMMAND)
     config = config_from_args(args)
     # Before logging is set up and anything heavy is read: a misspelt engine argument fails
-    # in seconds, not after the checkpoint has been prepared.
+    # in seconds, not after the checkpoint has been prepared; then the checkpoint's family.
     check_names(config.engine_args)
+    require_servable(args.model, COMMAND)
     setup_logging(args.log_level)
     return run_server(config)
