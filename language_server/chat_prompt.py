@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from dvd.checkpoint import CheckpointWeights, InternVLConfig
 from dvd.errors import InvalidInput
 from dvd.v1 import language_pb2
+from language_server.image_features import EncodedImages
 
 ROLES = ("system", "user", "assistant")
 
@@ -43,6 +45,35 @@ class Prompt:
     token_ids: list[int]
     embeds: torch.Tensor  # [tokens, hidden]
     image_tokens: int
+
+    def engine_input(self) -> dict[str, Any]:
+        """What vLLM is given (LlmEngine.generate_prompt)."""
+        return {"prompt_embeds": self.embeds}
+
+
+class BuiltPrompt(Protocol):
+    """A family's assembled prompt, as the service uses it."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The prompt's tokens with every image expanded (its length is what usage counts)."""
+        ...
+
+    @property
+    def image_tokens(self) -> int: ...
+
+    def engine_input(self) -> dict[str, Any]: ...
+
+
+class ChatPromptBuilder(Protocol):
+    """A family's prompt assembly: InternVL's PromptBuilder, Qwen3-VL's
+    (language_server/qwen3vl_prompt.py)."""
+
+    def render(self, messages: list[language_pb2.ChatMessage]) -> Any:
+        """The templated chat with one slot per image; InvalidInput if it cannot be."""
+        ...
+
+    def assemble_images(self, rendered: Any, encoded: EncodedImages) -> BuiltPrompt: ...
 
 
 class PromptBuilder:
@@ -112,6 +143,9 @@ class PromptBuilder:
             else:
                 parts.append(part.text)
         return "\n".join(parts)
+
+    def assemble_images(self, rendered: RenderedChat, encoded: EncodedImages) -> Prompt:
+        return self.assemble(rendered, encoded.features)
 
     def assemble(self, rendered: RenderedChat, features: list[torch.Tensor]) -> Prompt:
         """Expands the slots to n rows each and writes the features into them."""

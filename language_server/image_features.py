@@ -18,6 +18,8 @@ class EncodedImages:
 
     features: list[torch.Tensor]  # one [rows, hidden] tensor per image
     tokens_per_tile: list[list[int]] = field(default_factory=list)  # per image
+    grids: list[tuple[int, ...]] = field(default_factory=list)  # Qwen3-VL: grid_thw per image
+    content_keys: list[str] = field(default_factory=list)  # Qwen3-VL: per image
     preprocess_ns: int = 0
     queue_ns: int = 0
     encode_ns: int = 0

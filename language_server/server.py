@@ -10,6 +10,7 @@ from prometheus_client import start_http_server
 
 from dvd import vir_mode
 from dvd.checkpoint import CheckpointWeights, InternVLConfig, load_config
+from dvd.checkpoint.family import Family, checkpoint_family
 from dvd.checkpoint.verify import verify_llm
 from dvd.env import cache_dir
 from dvd.features import parse_dtype
@@ -18,7 +19,7 @@ from dvd.tls import Tls
 from dvd.transport import FeatureReceiver, receiver_class
 from dvd.v1 import language_pb2_grpc
 from language_server.admission import WaitingRoom
-from language_server.chat_prompt import PromptBuilder
+from language_server.chat_prompt import ChatPromptBuilder, PromptBuilder
 from language_server.config import LanguageServerConfig
 from language_server.engine import EngineSettings, LlmEngine
 from language_server.image_features import FeatureSource
@@ -147,20 +148,31 @@ def engine_settings(config: LanguageServerConfig, view: Path, max_model_len: int
 async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
     tls = config.tls.load()  # before vLLM starts: a bad file fails in a moment
     check_vllm_version()
-    checkpoint = load_config(config.model)
-    max_model_len = context_length(config, checkpoint)
-    # Fail before vLLM starts, naming the tensors, rather than serve uninitialised weights.
-    verify_checkpoint(config, checkpoint)
-    view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())
-    engine = LlmEngine.start(engine_settings(config, view, max_model_len))
-    builder = PromptBuilder.from_checkpoint(checkpoint, view, parse_dtype(config.dtype))
     metrics = LanguageMetrics()
-    vision = make_feature_source(config, checkpoint, metrics, tls)
+    builder: ChatPromptBuilder
+    vision: FeatureSource
+    if checkpoint_family(config.model) is Family.INTERNVL:
+        checkpoint = load_config(config.model)
+        max_model_len = context_length(config, checkpoint)
+        # Fail before vLLM starts, naming the tensors, rather than serve uninitialised weights.
+        verify_checkpoint(config, checkpoint)
+        view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())
+        engine = LlmEngine.start(engine_settings(config, view, max_model_len))
+        builder = PromptBuilder.from_checkpoint(checkpoint, view, parse_dtype(config.dtype))
+        vision = make_feature_source(config, checkpoint, metrics, tls)
+        name = checkpoint.name
+    else:
+        from language_server.qwen3vl_server import start_qwen3vl
+
+        qwen3vl, engine, builder, vision, max_model_len = start_qwen3vl(
+            config, metrics, tls, make_receiver, engine_settings
+        )
+        name = qwen3vl.name
     await vision.start()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     limits = ServiceLimits(
-        model_name=config.served_model_name or checkpoint.name,
+        model_name=config.served_model_name or name,
         max_model_len=max_model_len,
         max_images_per_request=config.max_images_per_request,
         mode=config.mode,

@@ -18,7 +18,7 @@ from dvd.errors import DvdError, InvalidInput
 from dvd.grpc_server import close_when_done
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from language_server.admission import Place, WaitingRoom
-from language_server.chat_prompt import Prompt, PromptBuilder
+from language_server.chat_prompt import BuiltPrompt, ChatPromptBuilder
 from language_server.engine import LlmEngine, Sampling
 from language_server.image_features import EncodedImages, FeatureSource
 from language_server.metrics import STAGES, LanguageMetrics
@@ -38,7 +38,7 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
     def __init__(
         self,
         limits: ServiceLimits,
-        builder: PromptBuilder,
+        builder: ChatPromptBuilder,
         engine: LlmEngine,
         vision: FeatureSource,
         metrics: LanguageMetrics,
@@ -154,7 +154,7 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             encoded = await encoding if encoding is not None else EncodedImages(features=[])
             t1 = time.monotonic_ns()
             try:
-                prompt = self.builder.assemble(rendered, encoded.features)
+                prompt = self.builder.assemble_images(rendered, encoded)
             finally:
                 encoded.release()  # the features were copied into the prompt embeddings
             prompt_ns = render_ns + time.monotonic_ns() - t1
@@ -192,7 +192,7 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
     async def _decode(
         self,
         request_id: str,
-        prompt: Prompt,
+        prompt: BuiltPrompt,
         sampling: Sampling,
         encoded: EncodedImages,
         prompt_ns: int,
@@ -204,7 +204,9 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
         completion_tokens = 0
         finished = False
         try:
-            async for delta in self.engine.generate(engine_id, prompt.embeds, sampling):
+            async for delta in self.engine.generate_prompt(
+                engine_id, prompt.engine_input(), sampling
+            ):
                 now = time.monotonic_ns()
                 first_token_ns = first_token_ns or now
                 completion_tokens += len(delta.token_ids)

@@ -323,7 +323,7 @@ class VisionPool:
         progress: _Progress,
         timeout_s: float,
     ) -> EncodedImages:
-        plans: dict[int, list[int]] = {}
+        plans: dict[int, vision_pb2.ImagePlan] = {}
         first_ns = last_ns = 0
         async for message in call:
             progress.started = True
@@ -332,7 +332,7 @@ class VisionPool:
             kind = message.WhichOneof("kind")
             if kind == "plan":
                 reception.on_plan(message.plan)
-                plans[message.plan.image_index] = list(message.plan.tokens_per_tile)
+                plans[message.plan.image_index] = message.plan
             elif kind == "chunk":
                 reception.on_chunk(message.chunk)
             elif kind == "done":
@@ -342,7 +342,9 @@ class VisionPool:
                 timings = message.done.timings
                 return EncodedImages(
                     reception.features(),
-                    tokens_per_tile=[plans[i] for i in sorted(plans)],
+                    tokens_per_tile=[list(plans[i].tokens_per_tile) for i in sorted(plans)],
+                    grids=[tuple(plans[i].grid_thw) for i in sorted(plans)],
+                    content_keys=[plans[i].content_key for i in sorted(plans)],
                     preprocess_ns=timings.preprocess_ns,
                     queue_ns=timings.queue_ns,
                     encode_ns=timings.encode_ns,

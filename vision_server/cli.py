@@ -87,6 +87,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "auto picks router on -Flash checkpoints with flash_mode on, else always-1/4",
     )
     add_tls_flags(parser, COMMAND, "the language servers' tcp data ports")
+    add_flag(
+        parser,
+        COMMAND,
+        "--max-batch-patches",
+        16384,
+        "Qwen3-VL: most ViT patches in one forward (items of any calls packed whole); the "
+        "queue bound is 8 forwards' patches (0 with --max-queued-tiles 0: no bound)",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--min-pixels",
+        0,
+        "Qwen3-VL: least pixels of a resized image; 0: preprocessor_config.json's",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--max-pixels",
+        0,
+        "Qwen3-VL: most pixels of a resized image; 0: preprocessor_config.json's",
+    )
     add_flag(parser, COMMAND, "--log-level", "info", "logging level")
     parser.set_defaults(func=run)
 
@@ -113,6 +135,9 @@ def config_from_args(args: argparse.Namespace) -> VisionServerConfig:
         encoder_cache_mib=args.encoder_cache_mib,
         rdma_device=args.rdma_device,
         rdma_gid_index=args.rdma_gid_index,
+        max_batch_patches=args.max_batch_patches,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
         tls=tls_from_args(args),
     )
 

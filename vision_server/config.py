@@ -38,6 +38,9 @@ class VisionServerConfig:
     rdma_gid_index: int = 0
     encoder_cache_mib: int = 512  # 0 disables the cache of encoded images
     vir_mode: str = "auto"  # auto: the router on -Flash checkpoints, else always-1/4
+    max_batch_patches: int = 16384  # Qwen3-VL: most patches in one forward
+    min_pixels: int = 0  # Qwen3-VL: image pixel budgets; 0: the processor config's
+    max_pixels: int = 0
     # Its gRPC port's TLS, and the client side of the tcp transport's data connections.
     tls: TlsConfig = field(default_factory=TlsConfig)
 
@@ -52,6 +55,9 @@ class VisionServerConfig:
             "max_image_pixels": self.max_image_pixels >= 1,
             "max_tiles": self.max_tiles >= 0,
             "encoder_cache_mib": self.encoder_cache_mib >= 0,
+            "max_batch_patches": self.max_batch_patches >= 1,
+            "min_pixels": self.min_pixels >= 0,
+            "max_pixels": self.max_pixels >= 0,
         }
         if self.dtype not in DTYPES:
             raise ValueError(f"vision server: dtype must be one of {DTYPES}, not {self.dtype!r}")
@@ -73,6 +79,14 @@ class VisionServerConfig:
         if self.max_queued_tiles is None:
             return QUEUED_BATCHES * self.max_batch_tiles
         return self.max_queued_tiles
+
+    @property
+    def queued_patches_bound(self) -> int:
+        """Qwen3-VL: most patches waiting for the ViT before calls are refused; 0: no bound
+        (--max-queued-tiles 0 turns it off; otherwise QUEUED_BATCHES forwards' patches)."""
+        if self.max_queued_tiles == 0:
+            return 0
+        return QUEUED_BATCHES * self.max_batch_patches
 
     @property
     def address(self) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import start_http_server
 
 from dvd.checkpoint import load_config
+from dvd.checkpoint.family import Family, checkpoint_family
 from dvd.features import parse_dtype
 from dvd.grpc_server import bind, new_server, serve_until_signal
 from dvd.tls import Tls, describe_client
@@ -20,6 +23,9 @@ from vision_server.encoder import VisionEncoder
 from vision_server.encoder_cache import EncoderCache
 from vision_server.metrics import VisionMetrics
 from vision_server.service import VisionService
+
+if TYPE_CHECKING:
+    from vision_server.qwen3vl.service import Qwen3VLVisionService
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +61,18 @@ def check_device(device: str) -> None:
 async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
     tls = config.tls.load()  # before the model: a bad file fails in a moment
     check_device(config.device)
-    checkpoint = load_config(config.model)
-    encoder = VisionEncoder(checkpoint, config.device, parse_dtype(config.dtype))
     metrics = VisionMetrics()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+    senders = {name: make_sender(name, config, tls) for name in parse_names(config.transport)}
+    if checkpoint_family(config.model) is not Family.INTERNVL:
+        from vision_server.qwen3vl.server import make_service
+
+        qwen3vl, stop_batcher = make_service(config, metrics, senders)
+        await _serve(config, qwen3vl, stop_batcher, grace_s, tls)
+        return
+    checkpoint = load_config(config.model)
+    encoder = VisionEncoder(checkpoint, config.device, parse_dtype(config.dtype))
     batcher = TileBatcher(
         encoder.encode, config.max_batch_tiles, config.max_wait_ms, config.queued_tiles_bound
     )
@@ -72,16 +85,25 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
         if config.queued_tiles_bound
         else "no bound on queued tiles",
     )
-    senders = {name: make_sender(name, config, tls) for name in parse_names(config.transport)}
     cache = EncoderCache(config.encoder_cache_mib * 2**20)
     service = VisionService(config, encoder, batcher, metrics, senders, cache)
+    await _serve(config, service, batcher.stop, grace_s, tls)
+
+
+async def _serve(
+    config: VisionServerConfig,
+    service: VisionService | Qwen3VLVisionService,
+    stop_batcher: Callable[[], Awaitable[None]],
+    grace_s: float,
+    tls: Tls | None,
+) -> None:
     server = new_server()
     vision_pb2_grpc.add_VisionServiceServicer_to_server(service, server)
     bind(server, config.address, tls)
 
     async def on_stop() -> None:
         service.ready = False
-        await batcher.stop()
+        await stop_batcher()
         service.close()
 
     await serve_until_signal(

@@ -51,12 +51,11 @@ MODEL_TYPES = {
     "qwen3_vl_moe": Family.QWEN3_VL_MOE,
 }
 
-SERVED = frozenset({Family.INTERNVL})
+SERVED = frozenset({Family.INTERNVL, Family.QWEN3_VL})
 """Families the vision and language servers serve in this version."""
 
 NOT_SERVED_YET = {
-    Family.QWEN3_VL: "issue 13 steps 2-6 (vision server, language server on vLLM's Qwen3-VL "
-    "model with DeepStack, transport, video); see docs/qwen3vl.md",
+    # Dense Qwen3-VL is served for images (video input is not yet); see docs/qwen3vl.md.
     Family.QWEN3_VL_MOE: "issue 13 steps 2-6, like dense Qwen3-VL (vLLM 0.32's "
     "Qwen3VLMoeForConditionalGeneration reads these checkpoints); see docs/qwen3vl.md",
 }

@@ -1,0 +1,86 @@
+"""The language server's Qwen3-VL parts (the family dispatch in language_server/server.py):
+vLLM's Qwen3-VL model on the LLM view, the chat-template prompt builder, and the vision
+pool sized for [main | DeepStack] rows."""
+
+from __future__ import annotations
+
+import logging
+
+from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
+from dvd.env import cache_dir
+from dvd.features import parse_dtype
+from dvd.tls import Tls
+from language_server.config import LanguageServerConfig
+from language_server.engine import LlmEngine
+from language_server.metrics import LanguageMetrics
+from language_server.qwen3vl_engine import Qwen3VLEngine
+from language_server.qwen3vl_prompt import Qwen3VLPromptBuilder
+from language_server.qwen3vl_view import prepare_qwen3vl_view
+from language_server.vision_client import VisionPool
+from vision_server.qwen3vl.processor_config import load_image_processor_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_CAP = 32768
+
+
+def context_length(config: LanguageServerConfig, checkpoint: Qwen3VLConfig) -> int:
+    model_max = int(checkpoint.llm_config.get("max_position_embeddings", DEFAULT_CONTEXT_CAP))
+    if config.max_model_len == 0:
+        return min(model_max, DEFAULT_CONTEXT_CAP)
+    if config.max_model_len > model_max:
+        raise ValueError(
+            f"--max-model-len {config.max_model_len} exceeds the model's "
+            f"max_position_embeddings {model_max}"
+        )
+    return config.max_model_len
+
+
+def max_rows_per_image(checkpoint: Qwen3VLConfig) -> int:
+    """Rows of the largest image the processor config's budget allows (a vision server
+    started with a larger --max-pixels sends plans the receivers refuse)."""
+    processor = load_image_processor_config(checkpoint.path)
+    return processor.max_pixels // processor.factor**2
+
+
+def start_qwen3vl(
+    config: LanguageServerConfig,
+    metrics: LanguageMetrics,
+    tls: Tls | None,
+    make_receiver: object,
+    settings_for: object,
+) -> tuple[Qwen3VLConfig, LlmEngine, Qwen3VLPromptBuilder, VisionPool, int]:
+    """Checkpoint, engine, builder, vision pool and context length of a Qwen3-VL server."""
+    if config.mode != "dvd":
+        raise ValueError(
+            "language server: coupled mode does not serve Qwen3-VL yet (its tower runs in the "
+            "vision server only); use --mode dvd"
+        )
+    checkpoint = load_qwen3vl_config(config.model)
+    if checkpoint.is_moe:
+        raise ValueError("language server: Qwen3-VL-MoE is not served yet")
+    max_model_len = context_length(config, checkpoint)
+    view = prepare_qwen3vl_view(checkpoint, config.cache_dir or cache_dir())
+    settings = settings_for(config, view, max_model_len)  # type: ignore[operator]
+    engine = Qwen3VLEngine.start(checkpoint, settings).engine
+    builder = Qwen3VLPromptBuilder.from_checkpoint(checkpoint, view)
+    vision = VisionPool(
+        list(config.vision),
+        parse_dtype(config.dtype),
+        config.vision_timeout_s,
+        make_receiver(config, tls),  # type: ignore[operator]
+        max_rows_per_image(checkpoint),
+        checkpoint.feature_width,
+        routing=config.vision_routing,
+        resolve_s=config.vision_resolve_s,
+        dns_server=config.dns_server,
+        metrics=metrics,
+        tls=tls,
+    )
+    log.info(
+        "Qwen3-VL: rows %d wide (%d DeepStack levels), up to %d rows per image",
+        checkpoint.feature_width,
+        checkpoint.vision.deepstack_levels,
+        max_rows_per_image(checkpoint),
+    )
+    return checkpoint, engine, builder, vision, max_model_len

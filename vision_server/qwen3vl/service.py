@@ -1,0 +1,350 @@
+"""The VisionService for Qwen3-VL checkpoints: images in, [main | DeepStack] rows out.
+
+Per call: every image is looked up in the encoder cache (keyed by its bytes and everything
+that shapes its rows), the call's patches are admitted against the queue bound, each image
+is decoded and preprocessed (smart_resize to the pixel budgets, patchify) on a worker
+thread and queued to the ItemBatcher, which packs items of all calls into forwards by
+patches. Each image's plan (grid_thw, DeepStack levels, content key; rows in
+`tokens_per_tile[0]`, width in `hidden_size`) goes out before its rows; rows go out image by
+image as their forward finishes, through the same transports as InternVL's tile rows.
+
+The overload bound: `--max-queued-tiles` counts tiles for InternVL; for Qwen3-VL the bound
+is in ViT patches, QUEUED_BATCHES x --max-batch-patches (0 with --max-queued-tiles 0: no
+bound), since a Qwen3-VL forward is sized in patches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from PIL import Image
+
+from dvd.deadline import Deadline
+from dvd.errors import DvdError, InvalidInput, Overloaded, Unavailable
+from dvd.features import torch_dtype
+from dvd.grpc_options import MAX_CHUNK_BYTES
+from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender, StaleConnection
+from dvd.v1 import common_pb2, vision_pb2
+from vision_server.batcher import Cancellation
+from vision_server.config import VisionServerConfig
+from vision_server.metrics import VisionMetrics
+from vision_server.qwen3vl.encoder import EncodedItem, Qwen3VLEncoder
+from vision_server.qwen3vl.item_batcher import EncodedResult, ItemBatcher
+from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image, smart_resize
+from vision_server.qwen3vl.processor_config import ProcessorConfig
+from vision_server.session import EncodeServicer, Sessions
+from vision_server.tiling import decode_image
+
+log = logging.getLogger(__name__)
+
+FAMILY = "qwen3_vl"
+
+
+class ItemCache:
+    """Encoded items by content key, least recently used evicted past `capacity_bytes`."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[str, EncodedItem] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> EncodedItem | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, entry: EncodedItem) -> None:
+        size = entry.features.numel() * entry.features.element_size()
+        if size > self.capacity_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old.features.numel() * old.features.element_size()
+            self._entries[key] = entry
+            self.bytes += size
+            while self.bytes > self.capacity_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= evicted.features.numel() * evicted.features.element_size()
+
+
+@dataclass(frozen=True)
+class _Image:
+    data: bytes
+    key: str
+    cached: EncodedItem | None
+    patches: int  # what preprocessing will make of it (0 when cached), from its header
+
+
+class Qwen3VLVisionService(EncodeServicer):
+    def __init__(
+        self,
+        config: VisionServerConfig,
+        encoder: Qwen3VLEncoder,
+        processor: ProcessorConfig,
+        batcher: ItemBatcher,
+        metrics: VisionMetrics,
+        senders: dict[str, FeatureSender],
+        cache: ItemCache,
+        resize: str = "pil",
+    ) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.processor = processor
+        self.batcher = batcher
+        self.metrics = metrics
+        self.senders = senders
+        self.cache = cache
+        self.resize = resize
+        self._preprocess_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        # Everything besides the bytes that shapes an item's rows.
+        self._key_salt = (
+            f"{encoder.config.path.resolve()}|{encoder.dtype}|{processor.min_pixels}|"
+            f"{processor.max_pixels}|{resize}"
+        ).encode()
+        self.sessions = Sessions(self.run_call, metrics.sessions, metrics.session_batch)
+        metrics.queued_tiles.set_function(lambda: batcher.admitted_patches)
+        self.ready = True
+
+    def close(self) -> None:
+        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        for sender in self.senders.values():
+            sender.close()
+
+    async def drain(self) -> None:
+        self.ready = False
+        await self.sessions.drain()
+
+    def _emission(self, request: vision_pb2.EncodeRequest) -> Emission:
+        kind = request.destination.WhichOneof("kind")
+        name = DESTINATION_KINDS[kind] if kind else "grpc"
+        sender = self.senders.get(name)
+        if sender is None:
+            raise InvalidInput(
+                f"transport {name} is not enabled on this vision server "
+                f"(enabled: {', '.join(self.senders)})"
+            )
+        try:
+            return sender.open(request)
+        except StaleConnection as exc:
+            raise DvdError(f"{name}: {exc}", code=grpc.StatusCode.FAILED_PRECONDITION) from None
+        except ValueError as exc:
+            raise InvalidInput(f"{name} destination: {exc}") from None
+
+    def _check(self, request: vision_pb2.EncodeRequest) -> None:
+        if not request.images:
+            raise InvalidInput("Encode needs at least one image")
+        if len(request.images) > self.config.max_images_per_request:
+            raise InvalidInput(
+                f"{len(request.images)} images in one request; the limit is "
+                f"{self.config.max_images_per_request}"
+            )
+        try:
+            wanted = torch_dtype(request.feature_dtype)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        if wanted != self.encoder.dtype:
+            raise InvalidInput(
+                f"features are produced in {self.encoder.dtype}, request asked for {wanted}"
+            )
+
+    async def run_call(
+        self, request: vision_pb2.EncodeRequest, deadline: Deadline
+    ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
+        started = time.monotonic_ns()
+        call = Cancellation()
+        emission: Emission | None = None
+        self.metrics.in_flight.inc()
+        status = "ok"
+        done = False
+        try:
+            self._check(request)
+            emission = self._emission(request)
+            async for message in self._encode(request, call, emission, started):
+                done = message.HasField("done")
+                yield message
+        except DvdError as exc:
+            status = exc.code.name.lower()
+            log.info("encode %s rejected: %s", request.request_id, exc.message)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            if not done:
+                status = "deadline_exceeded" if deadline.expired() else "cancelled"
+            raise
+        finally:
+            call.cancelled = True
+            self.metrics.tiles_dropped.inc(self.batcher.withdraw(call))
+            if emission is not None:
+                emission.close()
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(status).inc()
+
+    def content_key(self, data: bytes) -> str:
+        digest = hashlib.blake2b(data, digest_size=16)
+        digest.update(self._key_salt)
+        return digest.hexdigest()
+
+    def _patches(self, data: bytes) -> int:
+        """Patches preprocessing will make of the image, from its header (1 if unreadable:
+        decoding reports that image later)."""
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+            p = self.processor
+            new_h, new_w = smart_resize(height, width, p.factor, p.min_pixels, p.max_pixels)
+        except Exception:
+            return 1
+        return (new_h // self.processor.patch_size) * (new_w // self.processor.patch_size)
+
+    def _look_up(self, data: bytes) -> _Image:
+        key = self.content_key(data)
+        cached = self.cache.get(key)
+        return _Image(data, key, cached, 0 if cached is not None else self._patches(data))
+
+    def _preprocess(self, data: bytes) -> VisionInput:
+        image = decode_image(data, self.config.max_image_pixels)
+        return preprocess_image(image, self.processor, resize=self.resize)  # type: ignore[arg-type]
+
+    async def _encode(
+        self,
+        request: vision_pb2.EncodeRequest,
+        call: Cancellation,
+        emission: Emission,
+        started: int,
+    ) -> AsyncIterator[vision_pb2.EncodeResponse]:
+        loop = asyncio.get_running_loop()
+        max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
+        images = [self._look_up(image.data) for image in request.images]
+        patches = sum(image.patches for image in images)
+        if not self.batcher.admit(call, patches):
+            self.metrics.queue_full.inc()
+            raise Overloaded(
+                f"vision server {self.config.address} is busy: "
+                f"{self.batcher.admitted_patches} patches wait for the ViT, this call has "
+                f"{patches} more, and the limit is {self.batcher.max_queued_patches} "
+                "(QUEUED_BATCHES x --max-batch-patches)"
+            )
+        preprocess_ns = queue_ns = encode_ns = transfer_ns = rows_sent = 0
+        pending: list[asyncio.Future[EncodedResult] | EncodedItem] = []
+        for image in images:
+            self.metrics.cache.labels("hit" if image.cached else "miss").inc()
+            if image.cached is not None:
+                pending.append(image.cached)
+                continue
+            t0 = time.monotonic_ns()
+            item = await loop.run_in_executor(self._preprocess_pool, self._preprocess, image.data)
+            preprocess_ns += time.monotonic_ns() - t0
+            pending.append(self.batcher.submit(item, call))
+        for index, (image, waiting) in enumerate(zip(images, pending, strict=True)):
+            if isinstance(waiting, EncodedItem):
+                encoded = waiting
+            else:
+                result = await waiting
+                encoded = result.item
+                queue_ns = max(queue_ns, result.queue_ns)
+                encode_ns += result.encode_ns
+                self.metrics.batch_tiles.observe(result.batch_patches)
+                self.cache.put(image.key, encoded)
+                self.metrics.cache_bytes.set(self.cache.bytes)
+            yield vision_pb2.EncodeResponse(plan=self._plan(index, encoded, image.key))
+            t0 = time.monotonic_ns()
+            try:
+                async for chunk in emission.achunks(index, 0, encoded.features, max_chunk):
+                    self.metrics.feature_bytes.inc(len(chunk.data) or chunk.written.length)
+                    yield vision_pb2.EncodeResponse(chunk=chunk)
+            except ValueError as exc:
+                raise InvalidInput(f"cannot deliver features: {exc}") from None
+            except ConnectionError as exc:
+                raise Unavailable(f"cannot deliver features: {exc}") from None
+            transfer_ns += time.monotonic_ns() - t0
+            rows_sent += int(encoded.features.shape[0])
+            self.metrics.visual_tokens.inc(int(encoded.features.shape[0]))
+        timings = vision_pb2.EncodeTimings(
+            preprocess_ns=preprocess_ns,
+            queue_ns=queue_ns,
+            encode_ns=encode_ns,
+            transfer_ns=transfer_ns,
+            total_ns=time.monotonic_ns() - started,
+        )
+        self.metrics.images.inc(len(images))
+        for stage in ("preprocess", "queue", "encode", "transfer", "total"):
+            self.metrics.stage.labels(stage).observe(getattr(timings, f"{stage}_ns") / 1e9)
+        yield vision_pb2.EncodeResponse(
+            done=vision_pb2.EncodeDone(
+                timings=timings,
+                num_tiles=len(images),
+                num_tokens=rows_sent,
+                images_from_cache=sum(image.cached is not None for image in images),
+            )
+        )
+
+    def _plan(self, index: int, encoded: EncodedItem, key: str) -> vision_pb2.ImagePlan:
+        t, h, w = encoded.grid_thw
+        patch = self.processor.patch_size
+        return vision_pb2.ImagePlan(
+            image_index=index,
+            num_tiles=1,
+            grid_cols=1,
+            grid_rows=1,
+            tokens_per_tile=[int(encoded.features.shape[0])],
+            hidden_size=self.encoder.feature_width,
+            width=w * patch,  # the resized image's size
+            height=h * patch,
+            modality=vision_pb2.MODALITY_IMAGE,
+            grid_thw=[t, h, w],
+            deepstack_levels=self.encoder.config.vision.deepstack_levels,
+            content_key=key,
+        )
+
+    async def Info(
+        self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.VisionInfo:
+        return vision_pb2.VisionInfo(
+            model=self.encoder.config.name,
+            hidden_size=self.encoder.feature_width,
+            device=str(self.encoder.device),
+            transport=",".join(self.senders),
+            max_wait_ms=int(self.config.max_wait_ms),
+            max_image_pixels=self.config.max_image_pixels,
+            max_queued_tiles=self.batcher.max_queued_patches,
+            family=FAMILY,
+            max_batch_patches=self.batcher.max_batch_patches,
+            min_pixels=self.processor.min_pixels,
+            max_pixels=self.processor.max_pixels,
+        )
+
+    async def RdmaConnect(
+        self, request: vision_pb2.RdmaConnectRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.RdmaConnectResponse:
+        sender = self.senders.get("rdma")
+        if sender is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "the rdma transport is not enabled on this server"
+            )
+        try:
+            return sender.connect(request)  # type: ignore[union-attr]
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rdma connect: {exc}")
+            raise
+
+    async def Health(
+        self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.HealthResponse:
+        if self.ready:
+            return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_SERVING)
+        return common_pb2.HealthResponse(
+            status=common_pb2.HealthResponse.STATUS_NOT_SERVING, detail="draining"
+        )
