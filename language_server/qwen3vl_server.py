@@ -12,6 +12,7 @@ from dvd.features import parse_dtype
 from dvd.tls import Tls
 from language_server.config import LanguageServerConfig
 from language_server.engine import LlmEngine
+from language_server.image_features import FeatureSource
 from language_server.metrics import LanguageMetrics
 from language_server.qwen3vl_engine import Qwen3VLEngine
 from language_server.qwen3vl_prompt import Qwen3VLPromptBuilder
@@ -49,13 +50,8 @@ def start_qwen3vl(
     tls: Tls | None,
     make_receiver: object,
     settings_for: object,
-) -> tuple[Qwen3VLConfig, LlmEngine, Qwen3VLPromptBuilder, VisionPool, int]:
+) -> tuple[Qwen3VLConfig, LlmEngine, Qwen3VLPromptBuilder, FeatureSource, int]:
     """Checkpoint, engine, builder, vision pool and context length of a Qwen3-VL server."""
-    if config.mode != "dvd":
-        raise ValueError(
-            "language server: coupled mode does not serve Qwen3-VL yet (its tower runs in the "
-            "vision server only); use --mode dvd"
-        )
     checkpoint = load_qwen3vl_config(config.model)
     if checkpoint.is_moe:
         raise ValueError("language server: Qwen3-VL-MoE is not served yet")
@@ -64,7 +60,37 @@ def start_qwen3vl(
     settings = settings_for(config, view, max_model_len)  # type: ignore[operator]
     engine = Qwen3VLEngine.start(checkpoint, settings).engine
     builder = Qwen3VLPromptBuilder.from_checkpoint(checkpoint, view)
-    vision = VisionPool(
+    vision = (
+        _pool(config, checkpoint, metrics, tls, make_receiver)
+        if config.mode == "dvd"
+        else _coupled(config, checkpoint)
+    )
+    log.info(
+        "Qwen3-VL: rows %d wide (%d DeepStack levels), up to %d rows per image",
+        checkpoint.feature_width,
+        checkpoint.vision.deepstack_levels,
+        max_rows_per_image(checkpoint),
+    )
+    return checkpoint, engine, builder, vision, max_model_len
+
+
+def _coupled(config: LanguageServerConfig, checkpoint: Qwen3VLConfig) -> FeatureSource:
+    from language_server.qwen3vl_coupled import Qwen3VLCoupledVision
+    from vision_server.qwen3vl.encoder import Qwen3VLEncoder
+
+    encoder = Qwen3VLEncoder(checkpoint, config.vision_device, parse_dtype(config.dtype))
+    processor = load_image_processor_config(checkpoint.path)
+    return Qwen3VLCoupledVision(encoder, processor, config.max_image_pixels)
+
+
+def _pool(
+    config: LanguageServerConfig,
+    checkpoint: Qwen3VLConfig,
+    metrics: LanguageMetrics,
+    tls: Tls | None,
+    make_receiver: object,
+) -> FeatureSource:
+    return VisionPool(
         list(config.vision),
         parse_dtype(config.dtype),
         config.vision_timeout_s,
@@ -77,10 +103,3 @@ def start_qwen3vl(
         metrics=metrics,
         tls=tls,
     )
-    log.info(
-        "Qwen3-VL: rows %d wide (%d DeepStack levels), up to %d rows per image",
-        checkpoint.feature_width,
-        checkpoint.vision.deepstack_levels,
-        max_rows_per_image(checkpoint),
-    )
-    return checkpoint, engine, builder, vision, max_model_len

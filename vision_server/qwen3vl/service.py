@@ -50,6 +50,22 @@ log = logging.getLogger(__name__)
 FAMILY = "qwen3_vl"
 
 
+def key_salt(encoder: Qwen3VLEncoder, processor: ProcessorConfig, resize: str) -> bytes:
+    """Everything besides an image's bytes that shapes its rows: checkpoint, dtype, pixel
+    budgets, resize mode."""
+    return (
+        f"{encoder.config.path.resolve()}|{encoder.dtype}|{processor.min_pixels}|"
+        f"{processor.max_pixels}|{resize}"
+    ).encode()
+
+
+def content_key(data: bytes, salt: bytes) -> str:
+    """An image's content key: the encoder cache's key and vLLM's multi_modal_uuid."""
+    digest = hashlib.blake2b(data, digest_size=16)
+    digest.update(salt)
+    return digest.hexdigest()
+
+
 class ItemCache:
     """Encoded items by content key, least recently used evicted past `capacity_bytes`."""
 
@@ -110,11 +126,7 @@ class Qwen3VLVisionService(EncodeServicer):
         self.cache = cache
         self.resize = resize
         self._preprocess_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
-        # Everything besides the bytes that shapes an item's rows.
-        self._key_salt = (
-            f"{encoder.config.path.resolve()}|{encoder.dtype}|{processor.min_pixels}|"
-            f"{processor.max_pixels}|{resize}"
-        ).encode()
+        self._key_salt = key_salt(encoder, processor, resize)
         self.sessions = Sessions(self.run_call, metrics.sessions, metrics.session_batch)
         metrics.queued_tiles.set_function(lambda: batcher.admitted_patches)
         self.ready = True
@@ -192,11 +204,6 @@ class Qwen3VLVisionService(EncodeServicer):
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(status).inc()
 
-    def content_key(self, data: bytes) -> str:
-        digest = hashlib.blake2b(data, digest_size=16)
-        digest.update(self._key_salt)
-        return digest.hexdigest()
-
     def _patches(self, data: bytes) -> int:
         """Patches preprocessing will make of the image, from its header (1 if unreadable:
         decoding reports that image later)."""
@@ -210,7 +217,7 @@ class Qwen3VLVisionService(EncodeServicer):
         return (new_h // self.processor.patch_size) * (new_w // self.processor.patch_size)
 
     def _look_up(self, data: bytes) -> _Image:
-        key = self.content_key(data)
+        key = content_key(data, self._key_salt)
         cached = self.cache.get(key)
         return _Image(data, key, cached, 0 if cached is not None else self._patches(data))
 
