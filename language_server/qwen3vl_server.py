@@ -4,7 +4,11 @@ pool sized for [main | DeepStack] rows."""
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
+
+from PIL import Image
 
 from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
 from dvd.env import cache_dir
@@ -18,7 +22,8 @@ from language_server.qwen3vl_engine import Qwen3VLEngine
 from language_server.qwen3vl_prompt import Qwen3VLPromptBuilder
 from language_server.qwen3vl_view import prepare_qwen3vl_view
 from language_server.vision_client import VisionPool
-from vision_server.qwen3vl.processor_config import load_image_processor_config
+from vision_server.qwen3vl.preprocess import smart_resize
+from vision_server.qwen3vl.processor_config import ProcessorConfig, load_image_processor_config
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,21 @@ def context_length(config: LanguageServerConfig, checkpoint: Qwen3VLConfig) -> i
             f"max_position_embeddings {model_max}"
         )
     return config.max_model_len
+
+
+def image_rows(processor: ProcessorConfig, data: bytes) -> int:
+    """Rows the vision server will send for an image, from its header and the checkpoint's
+    pixel budgets (the most the budgets allow when the header cannot be read: the vision
+    server then refuses the image anyway)."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+        new_h, new_w = smart_resize(
+            height, width, processor.factor, processor.min_pixels, processor.max_pixels
+        )
+    except Exception:
+        return processor.max_pixels // processor.factor**2
+    return (new_h // processor.factor) * (new_w // processor.factor)
 
 
 def max_rows_per_image(checkpoint: Qwen3VLConfig) -> int:
@@ -102,4 +122,5 @@ def _pool(
         dns_server=config.dns_server,
         metrics=metrics,
         tls=tls,
+        rows_of=functools.partial(image_rows, load_image_processor_config(checkpoint.path)),
     )

@@ -33,7 +33,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import grpc
 import torch
@@ -102,13 +102,18 @@ class VisionPool:
         dns_server: str = "",
         metrics: LanguageMetrics | None = None,
         tls: Tls | None = None,
+        rows_of: Callable[[bytes], int] | None = None,
     ) -> None:
+        """`rows_of`: an image's most rows, from its bytes (Qwen3-VL: from its header and
+        the pixel budgets), so each image's region is sized to it; None: every image gets
+        room for `max_rows_per_image`."""
         if routing not in VISION_ROUTINGS:
             raise ValueError(f"vision_routing must be one of {VISION_ROUTINGS}, not {routing!r}")
         self.dtype = dtype
         self.timeout_s = timeout_s
         self.receiver = receiver
         self.image_capacity = max_rows_per_image * hidden * dtype.itemsize
+        self.rows_of = rows_of
         self.hidden = hidden
         self.routing = routing
         self.metrics = metrics or LanguageMetrics()
@@ -213,6 +218,13 @@ class VisionPool:
                 )
             server = other
 
+    def _capacity(self, data: bytes) -> int:
+        """Bytes an image's features may take."""
+        if self.rows_of is None:
+            return self.image_capacity
+        rows_bytes = self.rows_of(data) * self.hidden * self.dtype.itemsize
+        return min(self.image_capacity, rows_bytes)
+
     async def _connection(self, server: VisionServer) -> str:
         """The transport's connection to `server`, made before its first request."""
         if server.connection is None:
@@ -240,7 +252,7 @@ class VisionPool:
         count = len(request.images)
         shape = RequestShape(
             request.request_id,
-            [self.image_capacity] * count,
+            [self._capacity(image.data) for image in request.images],
             self.hidden,
             self.dtype,
             connection_id=await self._connection(server),

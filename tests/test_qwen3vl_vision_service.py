@@ -218,3 +218,12 @@ def test_prompt_has_one_pad_per_image_and_counts_the_rows(
         builder.render([_message("look: <|vision_start|><|image_pad|><|vision_end|>")])
     with pytest.raises(InvalidInput, match="only allowed in user messages"):
         builder.render([_message(b"a", role="assistant")])
+
+
+def test_the_language_side_sizes_each_region_from_the_header(tiny: Path) -> None:
+    from language_server.qwen3vl_server import image_rows
+
+    processor = load_image_processor_config(tiny)
+    assert image_rows(processor, _png(96, 64, 1)) == 70
+    assert image_rows(processor, _png(448, 320, 2)) == 140
+    assert image_rows(processor, b"not an image") == processor.max_pixels // 32**2
