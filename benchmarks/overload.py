@@ -1,7 +1,8 @@
 """`dvd bench overload`: the same overload with and without the gateway's admission control.
 
 One vision server (its encoder cache off, so every request costs a ViT pass) and one
-language server are started once and shared; each arm gets a fresh gateway in front of
+language server, both with their own overload bounds off (`--max-queued-tiles 0`,
+`--max-waiting-requests 0`), are started once and shared; each arm gets a fresh gateway in front of
 them. First a closed loop at `--calibration-concurrency` measures what the servers sustain
 (req/s) and a typical end-to-end latency. Then each arm receives
 the same open-loop Poisson traffic at `--load-factor` times that rate for `--duration-s`:
@@ -102,9 +103,13 @@ def servers(model: Path, work: Path) -> Iterator[tuple[int, str]]:
     # Every request costs a ViT pass: with the encoder cache on, the arms would be served
     # from features the calibration left behind and the load would not be the one measured.
     vision += ["--encoder-cache-mib", "0"]
+    # The servers' own bounds off: the arms differ only in the gateway's admission control
+    # (with them on, the unlimited arm would get the language server's 429s instead).
+    vision += ["--max-queued-tiles", "0"]
     language = [sys.executable, "-m", "dvd", "language", "--model", str(model)]
     language += ["--port", str(language_port), "--metrics-port", str(language_metrics)]
     language += ["--vision", f"127.0.0.1:{vision_port}", "--kv-cache-gib", "1"]
+    language += ["--max-waiting-requests", "0"]
     metrics = f"http://127.0.0.1:{language_metrics}"
     with (
         running(
