@@ -13,7 +13,8 @@ from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.images import load_image
 from gateway.media_guard import MediaFetcher
-from gateway.protocol import ChatCompletionRequest, ImagePart
+from gateway.protocol import ChatCompletionRequest, ImagePart, VideoPart
+from gateway.videos import VideoLoader
 
 T = TypeVar("T")
 
@@ -32,16 +33,21 @@ async def to_generate_request(
     config: GatewayConfig,
     fetcher: MediaFetcher | None = None,
     limits: ModelLimits = ModelLimits(),
+    videos: VideoLoader | None = None,
 ) -> language_pb2.GenerateRequest:
-    """Messages (images loaded and checked, order kept) and sampling settings."""
+    """Messages (images loaded and checked, videos sampled into frames, order kept) and
+    sampling settings."""
     sampling = sampling_options(chat, config.max_tokens_limit, limits.max_model_len)
     images = await load_images(chat, config, fetcher, limits.max_images)
+    frames = await load_videos(chat, config, videos or VideoLoader(config, fetcher))
     messages = []
     for m, message in enumerate(chat.messages):
         parts = []
         for p, part in enumerate(message.parts()):
             if isinstance(part, ImagePart):
                 parts.append(language_pb2.ContentPart(image=images[(m, p)]))
+            elif isinstance(part, VideoPart):
+                parts.append(language_pb2.ContentPart(video=frames[(m, p)]))
             else:
                 parts.append(language_pb2.ContentPart(text=part.text))
         messages.append(language_pb2.ChatMessage(role=message.role, content=parts))
@@ -82,6 +88,30 @@ async def load_images(
     ]
     data = await _gather(loads)
     return {(m, p): blob for (m, p, _), blob in zip(where, data, strict=True)}
+
+
+async def load_videos(
+    chat: ChatCompletionRequest, config: GatewayConfig, videos: VideoLoader
+) -> dict[tuple[int, int], language_pb2.VideoFrames]:
+    """Every video's sampled frames keyed by (message index, part index), after the count
+    check; videos load concurrently (their decodes share --max-concurrent-video-decodes)."""
+    where = [
+        (m, p, part.video_url.url)
+        for m, message in enumerate(chat.messages)
+        for p, part in enumerate(message.parts())
+        if isinstance(part, VideoPart)
+    ]
+    if len(where) > config.max_videos_per_request:
+        raise ApiError(
+            400,
+            f"messages: {len(where)} videos in one request; at most "
+            f"{config.max_videos_per_request} are allowed",
+            param="messages",
+            code="too_many_videos",
+        )
+    loads = [videos.load(url, f"messages[{m}].content[{p}].video_url.url") for m, p, url in where]
+    data = await _gather(loads)
+    return {(m, p): video for (m, p, _), video in zip(where, data, strict=True)}
 
 
 async def _gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:

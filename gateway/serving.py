@@ -68,7 +68,7 @@ async def create_chat_completion(request: Request) -> Response:
     )
     record.model, limits = await served_model(pool, config, chat.model)
     generate_request = await to_generate_request(
-        chat, record.request_id, config, state.media, limits
+        chat, record.request_id, config, state.media, limits, state.videos
     )
 
     def on_backend(address: str) -> None:

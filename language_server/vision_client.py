@@ -162,11 +162,16 @@ class VisionPool:
         images: list[bytes],
         mode: VirMode | None = None,
         deadline: Deadline = Deadline(),
+        max_tiles: Sequence[int] = (),
     ) -> EncodedImages:
         await self.start()
+        bounds = list(max_tiles) or [0] * len(images)
         request = vision_pb2.EncodeRequest(
             request_id=request_id,
-            images=[vision_pb2.ImageInput(data=d) for d in images],
+            images=[
+                vision_pb2.ImageInput(data=d, max_tiles=t)
+                for d, t in zip(images, bounds, strict=True)
+            ],
             feature_dtype=wire_dtype(self.dtype),
             vir_mode=vir_mode.to_wire(mode),
         )
