@@ -115,3 +115,17 @@ def test_video_through_the_stack(dvd_stack: Stack, builder: PromptBuilder) -> No
     assert reply.usage.completion_tokens == len(direct)
     tokenizer = builder.tokenizer
     assert reply.choices[0].message.content == tokenizer.decode(direct, skip_special_tokens=True)
+
+
+@pytest.mark.integration
+def test_coupled_mode_gives_frames_one_tile_too(dvd_stack: Stack, coupled_stack: Stack) -> None:
+    """Coupled mode (the ViT in the language server) tiles frames as the vision server does:
+    the same prompt length and the same greedy tokens."""
+    frames = sample_video(wide_video(), GatewayConfig().video_limits()).frames
+    dvd_tokens, dvd_usage = generate(dvd_stack.language_port, [video_message(frames)], MAX_TOKENS)
+    coupled_tokens, coupled_usage = generate(
+        coupled_stack.language_port, [video_message(frames)], MAX_TOKENS
+    )
+    assert coupled_usage.video_tokens == dvd_usage.video_tokens == 4 * (256 + 2)
+    assert coupled_usage.prompt_tokens == dvd_usage.prompt_tokens
+    assert coupled_tokens == dvd_tokens
