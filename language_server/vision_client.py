@@ -98,6 +98,7 @@ class VisionPool:
         hidden: int,
         *,
         routing: str = CACHE_AFFINE,
+        rows_per_tile: int = 0,
         resolve_s: float = DEFAULT_RESOLVE_S,
         dns_server: str = "",
         metrics: LanguageMetrics | None = None,
@@ -109,6 +110,9 @@ class VisionPool:
         self.timeout_s = timeout_s
         self.receiver = receiver
         self.image_capacity = max_rows_per_image * hidden * dtype.itemsize
+        self.tile_capacity = rows_per_tile * hidden * dtype.itemsize
+        """Bytes of one tile's rows (0: unknown), so an image with few tiles (a video frame's
+        one) reserves no more than it can fill in an shm or tcp destination."""
         self.hidden = hidden
         self.routing = routing
         self.metrics = metrics or LanguageMetrics()
@@ -233,6 +237,14 @@ class VisionPool:
                 raise _RetryableError() from None
         return server.connection
 
+    def _capacity(self, max_tiles: int) -> int:
+        """Bytes to reserve for an image's rows: its tiles' (and the thumbnail that comes
+        with more than one), at most the largest image's."""
+        if max_tiles <= 0 or not self.tile_capacity:
+            return self.image_capacity
+        tiles = max_tiles + (1 if max_tiles > 1 else 0)
+        return min(self.image_capacity, tiles * self.tile_capacity)
+
     async def _encode_on(
         self, server: VisionServer, request: vision_pb2.EncodeRequest, deadline: Deadline
     ) -> EncodedImages:
@@ -245,7 +257,7 @@ class VisionPool:
         count = len(request.images)
         shape = RequestShape(
             request.request_id,
-            [self.image_capacity] * count,
+            [self._capacity(image.max_tiles) for image in request.images],
             self.hidden,
             self.dtype,
             connection_id=await self._connection(server),
