@@ -25,6 +25,8 @@ class ModelLimits:
 
     max_model_len: int | None = None
     max_images: int | None = None
+    accepts_video: bool = True
+    """False when the language servers said they take no video parts (Info)."""
 
 
 async def to_generate_request(
@@ -39,7 +41,9 @@ async def to_generate_request(
     sampling settings."""
     sampling = sampling_options(chat, config.max_tokens_limit, limits.max_model_len)
     images = await load_images(chat, config, fetcher, limits.max_images)
-    frames = await load_videos(chat, config, videos or VideoLoader(config, fetcher))
+    frames = await load_videos(
+        chat, config, videos or VideoLoader(config, fetcher), limits.accepts_video
+    )
     messages = []
     for m, message in enumerate(chat.messages):
         parts = []
@@ -91,7 +95,10 @@ async def load_images(
 
 
 async def load_videos(
-    chat: ChatCompletionRequest, config: GatewayConfig, videos: VideoLoader
+    chat: ChatCompletionRequest,
+    config: GatewayConfig,
+    videos: VideoLoader,
+    accepts_video: bool = True,
 ) -> dict[tuple[int, int], language_pb2.VideoFrames]:
     """Every video's sampled frames keyed by (message index, part index), after the count
     check; videos load concurrently (their decodes share --max-concurrent-video-decodes)."""
@@ -101,6 +108,13 @@ async def load_videos(
         for p, part in enumerate(message.parts())
         if isinstance(part, VideoPart)
     ]
+    if where and not accepts_video:
+        raise ApiError(
+            400,
+            "messages: the served model's language servers take no video input",
+            param="messages",
+            code="video_not_supported",
+        )
     if len(where) > config.max_videos_per_request:
         raise ApiError(
             400,

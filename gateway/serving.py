@@ -140,7 +140,9 @@ async def served_model(
             info = await pool.info()
         except ApiError:
             return name, ModelLimits()  # Generate will report the backend's state
-    return name, ModelLimits(info.max_model_len or None, info.max_images_per_request or None)
+    return name, ModelLimits(
+        info.max_model_len or None, info.max_images_per_request or None, info.accepts_video
+    )
 
 
 def completion_id(request_id: str) -> str:

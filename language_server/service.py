@@ -270,6 +270,7 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             mode=self.limits.mode,
             vision_addresses=self.vision.member_addresses(),
             max_images_per_request=self.limits.max_images_per_request,
+            accepts_video=True,  # InternVL: frames as images (video_prompt.py)
         )
 
     async def Health(

@@ -375,3 +375,19 @@ def test_remote_videos_follow_the_media_rules(
     small = config(address, allow_private_media_addresses=True, max_video_bytes=100)
     with serve(small) as gateway:
         refused(ask(gateway, f"{video_server}/clip.mp4"), "video is larger than the limit of 100")
+
+
+def test_video_refused_when_language_servers_take_none() -> None:
+    from gateway.convert import ModelLimits, to_generate_request
+    from gateway.errors import ApiError
+    from gateway.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest.model_validate(
+        chat([video_url_part(data_url(make_video())), {"type": "text", "text": "hi"}])
+    )
+    limits = ModelLimits(accepts_video=False)  # Info of a server that predates video parts
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(to_generate_request(request, "r", GatewayConfig(), None, limits))
+    assert caught.value.status == 400 and caught.value.code == "video_not_supported"
+    converted = asyncio.run(to_generate_request(request, "r", GatewayConfig(), None))
+    assert converted.messages[0].content[0].WhichOneof("kind") == "video"
