@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dvd import vir_mode
+from dvd.grpc_options import MAX_MESSAGE_BYTES
 from dvd.v1 import language_pb2
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
@@ -55,12 +56,24 @@ async def to_generate_request(
             else:
                 parts.append(language_pb2.ContentPart(text=part.text))
         messages.append(language_pb2.ChatMessage(role=message.role, content=parts))
-    return language_pb2.GenerateRequest(
+    request = language_pb2.GenerateRequest(
         request_id=request_id,
         messages=messages,
         sampling=sampling,
         vir_mode=vir_mode.to_wire(vir_mode.parse(chat.vir_mode) if chat.vir_mode else None),
     )
+    if frames and request.ByteSize() > MAX_MESSAGE_BYTES:
+        # Sampled frames are PNGs: a long noisy video at full resolution can outgrow what
+        # one gRPC message may carry, which would otherwise fail as a transport error.
+        raise ApiError(
+            400,
+            f"messages: the videos' sampled frames take {request.ByteSize()} bytes, more than "
+            f"the {MAX_MESSAGE_BYTES} one request may carry to a language server; send "
+            "shorter or smaller videos (or lower --max-video-frames / --max-video-pixels)",
+            param="messages",
+            code="video_too_large",
+        )
+    return request
 
 
 async def load_images(

@@ -391,3 +391,15 @@ def test_video_refused_when_language_servers_take_none() -> None:
     assert caught.value.status == 400 and caught.value.code == "video_not_supported"
     converted = asyncio.run(to_generate_request(request, "r", GatewayConfig(), None))
     assert converted.messages[0].content[0].WhichOneof("kind") == "video"
+
+
+def test_frames_beyond_one_grpc_message_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.convert
+    from gateway.errors import ApiError
+    from gateway.protocol import ChatCompletionRequest
+
+    monkeypatch.setattr(gateway.convert, "MAX_MESSAGE_BYTES", 200)  # the 4 PNGs take more
+    request = ChatCompletionRequest.model_validate(chat([video_url_part(data_url(make_video()))]))
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(gateway.convert.to_generate_request(request, "r", GatewayConfig(), None))
+    assert caught.value.status == 400 and "one request may carry" in caught.value.message
