@@ -403,3 +403,31 @@ def test_frames_beyond_one_grpc_message_are_refused(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ApiError) as caught:
         asyncio.run(gateway.convert.to_generate_request(request, "r", GatewayConfig(), None))
     assert caught.value.status == 400 and "one request may carry" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("rotation", "red_side"), [(0, "top"), (90, "left"), (-90, "right"), (180, "bottom")]
+)
+def test_frames_are_turned_upright(rotation: int, red_side: str) -> None:
+    """A display matrix (phones store portrait video sideways) turns the frames as players
+    and OpenCV (vLLM's decoder) show them; here the top half of every stored frame is red."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = make_video("mp4", frames=4, width=64, height=48, rotation=rotation, top=(255, 0, 0))
+    video = sample_video(data, VideoLimits())
+    with Image.open(io.BytesIO(video.frames[0])) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    turned = rotation % 180 != 0
+    assert pixels.shape[:2] == ((64, 48) if turned else (48, 64))
+    assert (video.width, video.height) == ((48, 64) if turned else (64, 48))
+    h, w = pixels.shape[:2]
+    halves = {
+        "top": pixels[: h // 2],
+        "bottom": pixels[h // 2 :],
+        "left": pixels[:, : w // 2],
+        "right": pixels[:, w // 2 :],
+    }
+    assert halves[red_side][..., 0].mean() > 200 and halves[red_side][..., 1].mean() < 60

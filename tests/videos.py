@@ -27,8 +27,11 @@ def make_video(
     rate: int = 10,
     width: int = 64,
     height: int = 48,
+    rotation: int = 0,
+    top: tuple[int, int, int] | None = None,
 ) -> bytes:
-    """A video of `frames` flat-colour frames at `rate` fps."""
+    """A video of `frames` flat-colour frames at `rate` fps; `top` paints the top half of
+    every frame, `rotation` (counter-clockwise degrees) goes in the display matrix."""
     import av
 
     container_format, codec, pix_fmt = CODECS[kind]
@@ -36,9 +39,13 @@ def make_video(
     with av.open(out, mode="w", format=container_format) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if rotation:
+            stream.set_display_rotation(rotation)
         for i in range(frames):
             pixels = np.empty((height, width, 3), np.uint8)
             pixels[:] = frame_colour(i)
+            if top is not None:
+                pixels[: height // 2] = top
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
