@@ -2,11 +2,11 @@
 
 Each image part of a message becomes InternVL's placeholder line, each video part its frame
 lines (language_server/video_prompt.py: "Frame1: <image>" ..., one slot per frame); after
-the tokenizer's
-own chat template is applied, every placeholder expands to `<img>` + `<IMG_CONTEXT>` x n +
-`</img>`, with n the feature rows received for that image. Text is embedded with the
-LLM's own embedding table and the features are written into the `<IMG_CONTEXT>` rows, so
-vLLM sees exactly what the coupled model would compute before its first layer.
+the tokenizer's own chat template is applied, every placeholder expands to `<img>` +
+`<IMG_CONTEXT>` x n + `</img>`, with n the feature rows received for that image. Text is
+embedded with the LLM's own embedding table and the features are written into the
+`<IMG_CONTEXT>` rows, so vLLM sees exactly what the coupled model would compute before its
+first layer.
 """
 
 from __future__ import annotations
