@@ -36,8 +36,12 @@ def conversation_key(request: language_pb2.GenerateRequest) -> bytes:
     for message in leading_messages(request.messages):
         _add(digest, b"role", message.role.encode())
         for part in message.content:
-            if part.WhichOneof("kind") == "image":
+            kind = part.WhichOneof("kind")
+            if kind == "image":
                 _add(digest, b"image", hashlib.sha256(part.image).digest())
+            elif kind == "video":
+                for frame in part.video.frames:
+                    _add(digest, b"frame", hashlib.sha256(frame).digest())
             else:
                 _add(digest, b"text", part.text.encode())
     return digest.digest()

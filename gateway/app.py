@@ -44,6 +44,7 @@ from gateway.middleware import (
 from gateway.protocol import ChatCompletion, ErrorResponse, ModelCard, ModelList
 from gateway.scrape import fetch_all, merge
 from gateway.serving import create_chat_completion, served_model
+from gateway.videos import VideoLoader
 
 logger = logging.getLogger("dvd.gateway")
 
@@ -60,6 +61,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         app.state.metrics = GatewayMetrics()
         app.state.pool = BackendPool.from_config(config, app.state.metrics, app.state.tls)
         app.state.media = MediaFetcher(config) if config.remote_images else None
+        app.state.videos = VideoLoader(config, app.state.media, app.state.metrics)
         # Loopback URLs of this stack's own processes: no proxy from the environment.
         app.state.scraper = httpx.AsyncClient(trust_env=False) if config.scrape_metrics else None
         reload_on_sighup = _watch_sighup(app.state.keys)

@@ -103,6 +103,46 @@ def register(subparsers: Any) -> None:
     )
     flag("--max-images-per-request", 8, "most images accepted in one request")
     flag(
+        "--video-fps",
+        2.0,
+        "video_url parts: frames sampled per second of video, evenly spread (first and last "
+        "frame included); 0: no rate cap, --max-video-frames over the whole video (vLLM's "
+        "default sampler)",
+    )
+    flag("--max-video-frames", 32, "most frames sampled from one video (vLLM's default: 32)")
+    flag(
+        "--max-video-bytes",
+        64 * MIB,
+        "largest video file accepted, in bytes (after base64 decoding or download)",
+    )
+    flag(
+        "--max-video-duration-s",
+        300.0,
+        "longest video accepted, in seconds (it also bounds the frames decoded: 240 fps at "
+        "this length)",
+    )
+    flag(
+        "--max-video-pixels",
+        1920 * 1080,
+        "largest video frame accepted, in width*height pixels",
+    )
+    flag("--max-videos-per-request", 2, "most videos accepted in one request")
+    flag(
+        "--video-decode-timeout-s",
+        60.0,
+        "longest decoding one video may take, in seconds; longer is refused with 400",
+    )
+    flag(
+        "--max-concurrent-video-decodes",
+        2,
+        "videos decoded at once (one CPU core each); more wait their turn",
+    )
+    flag(
+        "--remote-video-timeout-s",
+        30.0,
+        "total time for one remote video: waiting for a fetch slot, DNS, redirects, body",
+    )
+    flag(
         "--max-request-bytes",
         64 * MIB,
         "largest HTTP request body, in bytes; larger bodies get 413 before parsing",
@@ -235,6 +275,15 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         max_images_per_request=args.max_images_per_request,
+        video_fps=args.video_fps,
+        max_video_frames=args.max_video_frames,
+        max_video_bytes=args.max_video_bytes,
+        max_video_duration_s=args.max_video_duration_s,
+        max_video_pixels=args.max_video_pixels,
+        max_videos_per_request=args.max_videos_per_request,
+        video_decode_timeout_s=args.video_decode_timeout_s,
+        max_concurrent_video_decodes=args.max_concurrent_video_decodes,
+        remote_video_timeout_s=args.remote_video_timeout_s,
         max_request_bytes=args.max_request_bytes,
         max_header_bytes=args.max_header_bytes,
         max_concurrent_requests=args.max_concurrent_requests,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from dvd.discovery import parse_target
 from dvd.routing import LEAST_LOADED
 from dvd.tls import TlsConfig
+from dvd.video import VideoLimits
 
 MIB = 1024 * 1024
 
@@ -46,6 +47,24 @@ class GatewayConfig:
     max_image_pixels: int = 40_000_000
     """Largest width * height accepted, read from the image header without decoding."""
     max_images_per_request: int = 8
+    video_fps: float = 2.0
+    """Frames sampled per second of video (dvd.video); 0: no rate cap, max_video_frames
+    spread over the whole video (vLLM's default sampler)."""
+    max_video_frames: int = 32
+    """Most frames sampled from one video (vLLM's default num_frames)."""
+    max_video_bytes: int = 64 * MIB
+    """Largest video file accepted (after base64 decoding or download)."""
+    max_video_duration_s: float = 300.0
+    """Longest video accepted, in seconds (vLLM's max_duration)."""
+    max_video_pixels: int = 1920 * 1080
+    """Largest video frame accepted, in width * height pixels."""
+    max_videos_per_request: int = 2
+    video_decode_timeout_s: float = 60.0
+    """Wall time for decoding one video; a video that takes longer is refused (400)."""
+    max_concurrent_video_decodes: int = 2
+    """Videos decoded at once across all requests (each takes a CPU core); more wait."""
+    remote_video_timeout_s: float = 30.0
+    """Total time for fetching one remote video (slot, DNS, redirects, body)."""
     max_request_bytes: int = 64 * MIB
     """Largest HTTP request body; larger bodies get 413 before any parsing."""
     max_tokens_limit: int | None = None
@@ -96,6 +115,16 @@ class GatewayConfig:
     The HTTP API itself is plaintext: terminate client TLS at the load balancer/Ingress."""
     log_level: str = "info"
 
+    def video_limits(self) -> VideoLimits:
+        """How videos are sampled and checked (dvd.video)."""
+        return VideoLimits(
+            fps=self.video_fps,
+            max_frames=self.max_video_frames,
+            max_duration_s=self.max_video_duration_s,
+            max_pixels=self.max_video_pixels,
+            decode_timeout_s=self.video_decode_timeout_s,
+        )
+
     def __post_init__(self) -> None:
         addresses = self.language_addresses
         if isinstance(addresses, str):
@@ -137,7 +166,9 @@ class GatewayConfig:
         for host in self.allowed_media_domains:
             if not _is_host(host):
                 raise ValueError(f"allowed_media_domains: {host!r} is not a host name")
-        for name in ("max_concurrent_requests", "max_queued_requests"):
+        if not 0 <= self.video_fps <= 240:
+            raise ValueError(f"video_fps: must be in 0..240 (0: no rate cap), got {self.video_fps}")
+        for name in ("max_concurrent_requests", "max_queued_requests", "max_videos_per_request"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
         if self.max_image_redirects < 0:
@@ -149,6 +180,10 @@ class GatewayConfig:
             "max_image_bytes",
             "max_image_pixels",
             "max_images_per_request",
+            "max_video_frames",
+            "max_video_bytes",
+            "max_video_pixels",
+            "max_concurrent_video_decodes",
             "max_request_bytes",
             "max_header_bytes",
         ):
@@ -161,6 +196,9 @@ class GatewayConfig:
         for name in (
             "request_timeout_s",
             "remote_image_timeout_s",
+            "remote_video_timeout_s",
+            "max_video_duration_s",
+            "video_decode_timeout_s",
             "health_timeout_s",
             "language_resolve_s",
             "scrape_timeout_s",

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dvd import vir_mode
+from dvd.grpc_options import MAX_MESSAGE_BYTES
 from dvd.v1 import language_pb2
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.images import load_image
 from gateway.media_guard import MediaFetcher
-from gateway.protocol import ChatCompletionRequest, ImagePart
+from gateway.protocol import ChatCompletionRequest, ImagePart, VideoPart
+from gateway.videos import VideoLoader
 
 T = TypeVar("T")
 
@@ -24,6 +26,8 @@ class ModelLimits:
 
     max_model_len: int | None = None
     max_images: int | None = None
+    accepts_video: bool = True
+    """False when the language servers said they take no video parts (Info)."""
 
 
 async def to_generate_request(
@@ -32,25 +36,44 @@ async def to_generate_request(
     config: GatewayConfig,
     fetcher: MediaFetcher | None = None,
     limits: ModelLimits = ModelLimits(),
+    videos: VideoLoader | None = None,
 ) -> language_pb2.GenerateRequest:
-    """Messages (images loaded and checked, order kept) and sampling settings."""
+    """Messages (images loaded and checked, videos sampled into frames, order kept) and
+    sampling settings."""
     sampling = sampling_options(chat, config.max_tokens_limit, limits.max_model_len)
     images = await load_images(chat, config, fetcher, limits.max_images)
+    frames = await load_videos(
+        chat, config, videos or VideoLoader(config, fetcher), limits.accepts_video
+    )
     messages = []
     for m, message in enumerate(chat.messages):
         parts = []
         for p, part in enumerate(message.parts()):
             if isinstance(part, ImagePart):
                 parts.append(language_pb2.ContentPart(image=images[(m, p)]))
+            elif isinstance(part, VideoPart):
+                parts.append(language_pb2.ContentPart(video=frames[(m, p)]))
             else:
                 parts.append(language_pb2.ContentPart(text=part.text))
         messages.append(language_pb2.ChatMessage(role=message.role, content=parts))
-    return language_pb2.GenerateRequest(
+    request = language_pb2.GenerateRequest(
         request_id=request_id,
         messages=messages,
         sampling=sampling,
         vir_mode=vir_mode.to_wire(vir_mode.parse(chat.vir_mode) if chat.vir_mode else None),
     )
+    if frames and request.ByteSize() > MAX_MESSAGE_BYTES:
+        # Sampled frames are PNGs: a long noisy video at full resolution can outgrow what
+        # one gRPC message may carry, which would otherwise fail as a transport error.
+        raise ApiError(
+            400,
+            f"messages: the videos' sampled frames take {request.ByteSize()} bytes, more than "
+            f"the {MAX_MESSAGE_BYTES} one request may carry to a language server; send "
+            "shorter or smaller videos (or lower --max-video-frames / --max-video-pixels)",
+            param="messages",
+            code="video_too_large",
+        )
+    return request
 
 
 async def load_images(
@@ -82,6 +105,40 @@ async def load_images(
     ]
     data = await _gather(loads)
     return {(m, p): blob for (m, p, _), blob in zip(where, data, strict=True)}
+
+
+async def load_videos(
+    chat: ChatCompletionRequest,
+    config: GatewayConfig,
+    videos: VideoLoader,
+    accepts_video: bool = True,
+) -> dict[tuple[int, int], language_pb2.VideoFrames]:
+    """Every video's sampled frames keyed by (message index, part index), after the count
+    check; videos load concurrently (their decodes share --max-concurrent-video-decodes)."""
+    where = [
+        (m, p, part.video_url.url)
+        for m, message in enumerate(chat.messages)
+        for p, part in enumerate(message.parts())
+        if isinstance(part, VideoPart)
+    ]
+    if where and not accepts_video:
+        raise ApiError(
+            400,
+            "messages: the served model's language servers take no video input",
+            param="messages",
+            code="video_not_supported",
+        )
+    if len(where) > config.max_videos_per_request:
+        raise ApiError(
+            400,
+            f"messages: {len(where)} videos in one request; at most "
+            f"{config.max_videos_per_request} are allowed",
+            param="messages",
+            code="too_many_videos",
+        )
+    loads = [videos.load(url, f"messages[{m}].content[{p}].video_url.url") for m, p, url in where]
+    data = await _gather(loads)
+    return {(m, p): video for (m, p, _), video in zip(where, data, strict=True)}
 
 
 async def _gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:

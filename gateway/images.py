@@ -64,17 +64,18 @@ async def load_image(
     return data
 
 
-def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
-    """Bytes of a `data:image/<type>;base64,<payload>` URL."""
+def decode_data_url(url: str, max_bytes: int, param: str, kind: str = "image") -> bytes:
+    """Bytes of a `data:<kind>/<type>;base64,<payload>` URL (kind "image" or "video")."""
+    example = "data:image/png;base64,..." if kind == "image" else "data:video/mp4;base64,..."
     header, comma, payload = url[len("data:") :].partition(",")
     if not comma:
         raise ApiError(400, f"{param}: data: URL has no ',' before its payload", param=param)
     mime, *options = (part.strip().lower() for part in header.split(";"))
-    if not mime.startswith("image/"):
+    if not mime.startswith(f"{kind}/"):
         raise ApiError(
             400,
-            f"{param}: data: URL must have an image MIME type (data:image/png;base64,...), "
-            f"got {mime or 'none'!r}",
+            f"{param}: data: URL must have {'an' if kind == 'image' else 'a'} {kind} MIME type "
+            f"({example}), got {mime or 'none'!r}",
             param=param,
         )
     if "base64" not in options:
@@ -82,10 +83,10 @@ def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
             400, f"{param}: data: URL must be base64-encoded (data:{mime};base64,...)", param=param
         )
     if len(payload) // 4 * 3 > max_bytes + 3:
-        raise too_big(param, max_bytes)
+        raise too_big(param, max_bytes, kind)
     data = _b64decode(payload, param)
     if len(data) > max_bytes:
-        raise too_big(param, max_bytes)
+        raise too_big(param, max_bytes, kind)
     return data
 
 

@@ -1,4 +1,4 @@
-"""Fetching remote image URLs without letting clients aim the gateway at internal hosts.
+"""Fetching remote image and video URLs without letting clients aim the gateway at internal hosts.
 
 A client that sends `http://169.254.169.254/...` or `http://10.0.0.7:8080/admin` as an image
 URL would otherwise make the gateway fetch from inside the network it runs in (SSRF). The
@@ -29,6 +29,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import httpx
 
@@ -106,8 +107,42 @@ async def system_resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+@dataclass(frozen=True)
+class MediaKind:
+    """What a fetch is for: the content types accepted, the size cap, the time limit."""
+
+    name: str
+    """"image" or "video"; names the thing in errors."""
+    max_bytes: int
+    timeout_s: float
+    content_types: tuple[str, ...]
+    """Accepted Content-Type values; one ending in "/" accepts every subtype."""
+
+    def accepts(self, content_type: str) -> bool:
+        return any(
+            content_type.startswith(t) if t.endswith("/") else content_type == t
+            for t in self.content_types
+        )
+
+
+def image_kind(config: GatewayConfig) -> MediaKind:
+    return MediaKind("image", config.max_image_bytes, config.remote_image_timeout_s, ("image/",))
+
+
+def video_kind(config: GatewayConfig) -> MediaKind:
+    """Videos: video/* or application/octet-stream (object stores often send that; the
+    decoder checks what the bytes are)."""
+    return MediaKind(
+        "video",
+        config.max_video_bytes,
+        config.remote_video_timeout_s,
+        ("video/", "application/octet-stream"),
+    )
+
+
 class MediaFetcher:
-    """Fetches image URLs under the guard and the config's caps; owned by the app's state."""
+    """Fetches image and video URLs under the guard and the config's caps; owned by the
+    app's state."""
 
     def __init__(
         self,
@@ -132,31 +167,35 @@ class MediaFetcher:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fetch(self, url: str, param: str) -> bytes:
-        """The bytes at `url`; every refusal and cap is a 400 naming `param`. The time
-        limit covers waiting for a fetch slot, resolving, every hop and the body."""
-        timeout_s = self.config.remote_image_timeout_s
+    async def fetch(self, url: str, param: str, kind: MediaKind | None = None) -> bytes:
+        """The bytes at `url` (an image unless `kind` says otherwise); every refusal and cap
+        is a 400 naming `param`. The time limit covers waiting for a fetch slot, resolving,
+        every hop and the body."""
+        kind = kind or image_kind(self.config)
+        timeout_s = kind.timeout_s
         try:
-            return await asyncio.wait_for(self._fetch(url, param), timeout_s)
+            return await asyncio.wait_for(self._fetch(url, param, kind), timeout_s)
         except (TimeoutError, httpx.TimeoutException):
-            raise _error(param, f"fetching the image timed out after {timeout_s:g} s") from None
+            raise _error(
+                param, f"fetching the {kind.name} timed out after {timeout_s:g} s"
+            ) from None
         except httpx.HTTPError as exc:
-            raise _error(param, f"the image could not be fetched: {exc}") from None
+            raise _error(param, f"the {kind.name} could not be fetched: {exc}") from None
 
-    async def _fetch(self, url: str, param: str) -> bytes:
+    async def _fetch(self, url: str, param: str, kind: MediaKind) -> bytes:
         async with self.slots:
             target = _parse(url, param)
             named = _norm(target.host)
             for _ in range(self.config.max_image_redirects + 1):
                 trusted = named == _norm(target.host) or _norm(target.host) in self.allowed
                 ip = await self.pick_address(target, param, private_ok=trusted)
-                response = await self.client.send(_pinned(target, ip), stream=True)
+                response = await self.client.send(_pinned(target, ip, kind), stream=True)
                 try:
                     location = response.headers.get("location")
                     if response.status_code in REDIRECTS and location:
                         target = _parse(location, param, base=target)
                         continue
-                    return await self._body(response, param)
+                    return await self._body(response, param, kind)
                 finally:
                     await response.aclose()
         raise _error(
@@ -196,34 +235,37 @@ class MediaFetcher:
             code="media_refused",
         )
 
-    async def _body(self, response: httpx.Response, param: str) -> bytes:
-        """The body of a final answer: HTTP 200, an image/* type, at most max_image_bytes."""
+    async def _body(self, response: httpx.Response, param: str, kind: MediaKind) -> bytes:
+        """The body of a final answer: HTTP 200, a content type `kind` accepts, at most
+        its max_bytes."""
         if response.status_code != 200:
-            raise _error(param, f"fetching the image returned HTTP {response.status_code}")
-        kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if not kind.startswith("image/"):
+            raise _error(param, f"fetching the {kind.name} returned HTTP {response.status_code}")
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not kind.accepts(content_type):
             raise _error(
                 param,
-                f"the URL's content type is {kind or 'missing'!r}, not image/*",
-                code="invalid_image_content_type",
+                f"the URL's content type is {content_type or 'missing'!r}, not "
+                f"{' or '.join(t + '*' if t.endswith('/') else t for t in kind.content_types)}",
+                code=f"invalid_{kind.name}_content_type",
             )
-        max_bytes = self.config.max_image_bytes
+        max_bytes = kind.max_bytes
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes:
-            raise too_big(param, max_bytes)
+            raise too_big(param, max_bytes, kind.name)
         body = bytearray()
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > max_bytes:
-                raise too_big(param, max_bytes)
+                raise too_big(param, max_bytes, kind.name)
         return bytes(body)
 
 
-def _pinned(target: httpx.URL, ip: IPAddress) -> httpx.Request:
+def _pinned(target: httpx.URL, ip: IPAddress, kind: MediaKind) -> httpx.Request:
     """A GET of `target` that connects to the checked `ip`, with the name kept in the Host
     header and (https) in the TLS server name, so certificates are checked against it."""
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    headers = {"host": target.netloc.decode("ascii"), "accept": "image/*"}
+    accept = ", ".join(t + "*" if t.endswith("/") else t for t in kind.content_types)
+    headers = {"host": target.netloc.decode("ascii"), "accept": accept}
     return httpx.Request(
         "GET", target.copy_with(host=str(ip)), headers=headers, extensions=extensions
     )
@@ -252,5 +294,5 @@ def _error(param: str, reason: str, code: str | None = None) -> ApiError:
     return ApiError(400, f"{param}: {reason}", param=param, code=code)
 
 
-def too_big(param: str, max_bytes: int) -> ApiError:
-    return _error(param, f"the image is larger than the limit of {max_bytes} bytes")
+def too_big(param: str, max_bytes: int, kind: str = "image") -> ApiError:
+    return _error(param, f"the {kind} is larger than the limit of {max_bytes} bytes")

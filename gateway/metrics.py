@@ -39,6 +39,7 @@ class RequestRecord:
     """The API key's id (gateway.auth.key_id), "invalid" or "none"; empty when keys are off."""
     prompt_tokens: int = 0
     image_tokens: int = 0
+    video_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -58,6 +59,7 @@ class RequestRecord:
         usage = response.usage
         self.prompt_tokens = usage.prompt_tokens
         self.image_tokens = usage.image_tokens
+        self.video_tokens = usage.video_tokens
         self.completion_tokens = usage.completion_tokens or self.completion_tokens
         self.timings = response.timings
 
@@ -145,6 +147,28 @@ class GatewayMetrics:
         self.completion_tokens = Counter(
             "dvd_gateway_completion_tokens_total", "Generated tokens.", registry=r
         )
+        self.video_tokens = Counter(
+            "dvd_gateway_video_tokens_total",
+            "Of the image tokens, those of video frames.",
+            registry=r,
+        )
+        self.videos = Counter(
+            "dvd_gateway_videos_total",
+            "Videos decoded, by outcome: ok, or refused (not a usable video, or over a limit).",
+            ["outcome"],
+            registry=r,
+        )
+        self.video_frames = Counter(
+            "dvd_gateway_video_frames_total",
+            "Frames sampled from videos and sent to language servers.",
+            registry=r,
+        )
+        self.video_decode_seconds = Histogram(
+            "dvd_gateway_video_decode_seconds",
+            "Time to decode one video and sample its frames (PNG encoding included).",
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.member_calls = Counter(
             "dvd_gateway_member_calls_total",
             "Generate calls sent to each language server (retries count on each member tried).",
@@ -202,6 +226,7 @@ class GatewayMetrics:
         self.prompt_tokens.inc(record.prompt_tokens)
         self.image_tokens.inc(record.image_tokens)
         self.completion_tokens.inc(record.completion_tokens)
+        self.video_tokens.inc(record.video_tokens)
 
     def member_left(self, address: str) -> None:
         """Drops a departed member's series, so dashboards do not show it forever."""

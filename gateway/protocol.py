@@ -54,7 +54,24 @@ class ImagePart(_Lenient):
         return {"url": value} if isinstance(value, str) else value
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Lenient):
+    url: str = Field(min_length=1)
+
+
+class VideoPart(_Lenient):
+    """vLLM's extension of OpenAI's content parts: `{"type": "video_url", "video_url":
+    {"url": "data:video/mp4;base64,..." or "https://..."}}`."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Lenient):
@@ -68,7 +85,7 @@ class ChatMessage(_Lenient):
             raise ValueError(f"a {self.role} message needs content")
         return self
 
-    def parts(self) -> list[TextPart | ImagePart]:
+    def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         """Content as parts; a plain string is one text part."""
         if self.content is None:
             return []

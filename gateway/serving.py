@@ -68,7 +68,7 @@ async def create_chat_completion(request: Request) -> Response:
     )
     record.model, limits = await served_model(pool, config, chat.model)
     generate_request = await to_generate_request(
-        chat, record.request_id, config, state.media, limits
+        chat, record.request_id, config, state.media, limits, state.videos
     )
 
     def on_backend(address: str) -> None:
@@ -140,7 +140,9 @@ async def served_model(
             info = await pool.info()
         except ApiError:
             return name, ModelLimits()  # Generate will report the backend's state
-    return name, ModelLimits(info.max_model_len or None, info.max_images_per_request or None)
+    return name, ModelLimits(
+        info.max_model_len or None, info.max_images_per_request or None, info.accepts_video
+    )
 
 
 def completion_id(request_id: str) -> str:

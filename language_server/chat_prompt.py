@@ -1,10 +1,12 @@
 """Prompt assembly: chat template, image slots, and the prompt embeddings vLLM receives.
 
-Each image part of a message becomes InternVL's placeholder line; after the tokenizer's
-own chat template is applied, every placeholder expands to `<img>` + `<IMG_CONTEXT>` x n +
-`</img>`, with n the feature rows received for that image. Text is embedded with the
-LLM's own embedding table and the features are written into the `<IMG_CONTEXT>` rows, so
-vLLM sees exactly what the coupled model would compute before its first layer.
+Each image part of a message becomes InternVL's placeholder line, each video part its frame
+lines (language_server/video_prompt.py: "Frame1: <image>" ..., one slot per frame); after
+the tokenizer's own chat template is applied, every placeholder expands to `<img>` +
+`<IMG_CONTEXT>` x n + `</img>`, with n the feature rows received for that image. Text is
+embedded with the LLM's own embedding table and the features are written into the
+`<IMG_CONTEXT>` rows, so vLLM sees exactly what the coupled model would compute before its
+first layer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dvd.checkpoint import CheckpointWeights, InternVLConfig
 from dvd.errors import InvalidInput
 from dvd.v1 import language_pb2
 from language_server.image_features import EncodedImages
+from language_server.video_prompt import frame_prompt
 
 ROLES = ("system", "user", "assistant")
 
@@ -30,6 +33,8 @@ class RenderedChat:
     """The templated prompt as token-id segments between image slots."""
 
     segments: list[list[int]]  # len = images + 1
+    frame_slots: tuple[bool, ...] = ()
+    """Per slot, whether it is a video frame's (empty: none is)."""
 
     @property
     def num_images(self) -> int:
@@ -45,6 +50,8 @@ class Prompt:
     token_ids: list[int]
     embeds: torch.Tensor  # [tokens, hidden]
     image_tokens: int
+    video_tokens: int = 0
+    """Of image_tokens, those of video frames."""
 
     def engine_input(self) -> dict[str, Any]:
         """What vLLM is given (LlmEngine.generate_prompt)."""
@@ -62,12 +69,20 @@ class BuiltPrompt(Protocol):
     @property
     def image_tokens(self) -> int: ...
 
+    @property
+    def video_tokens(self) -> int:
+        """Of image_tokens, those of video frames."""
+        ...
+
     def engine_input(self) -> dict[str, Any]: ...
 
 
 class ChatPromptBuilder(Protocol):
     """A family's prompt assembly: InternVL's PromptBuilder, Qwen3-VL's
     (language_server/qwen3vl_prompt.py)."""
+
+    accepts_video: bool
+    """Whether video parts can be served (LanguageInfo.accepts_video)."""
 
     def render(self, messages: list[language_pb2.ChatMessage]) -> Any:
         """The templated chat with one slot per image; InvalidInput if it cannot be."""
@@ -77,6 +92,8 @@ class ChatPromptBuilder(Protocol):
 
 
 class PromptBuilder:
+    accepts_video = True  # a video's frames as images, in InternVL's frame prompt
+
     def __init__(self, tokenizer, embed_table: torch.Tensor, config: InternVLConfig) -> None:  # type: ignore[no-untyped-def]
         self.tokenizer = tokenizer
         self.embed_table = embed_table
@@ -108,7 +125,10 @@ class PromptBuilder:
         """Applies the chat template; the result has one slot per image, in order."""
         if not messages:
             raise InvalidInput("messages must not be empty")
-        chat = [{"role": self._role(m.role), "content": self._content(m)} for m in messages]
+        frame_slots: list[bool] = []
+        chat = [
+            {"role": self._role(m.role), "content": self._content(m, frame_slots)} for m in messages
+        ]
         try:
             text = self.tokenizer.apply_chat_template(
                 chat, tokenize=False, add_generation_prompt=True
@@ -124,22 +144,29 @@ class PromptBuilder:
                 "message text contains a reserved image token "
                 "(<img>, </img> or <IMG_CONTEXT>); send images as image parts"
             )
-        return RenderedChat(segments)
+        if len(frame_slots) != len(segments) - 1:
+            raise InvalidInput("the chat template dropped or repeated an image")
+        return RenderedChat(segments, tuple(frame_slots))
 
     def _role(self, role: str) -> str:
         if role not in ROLES:
             raise InvalidInput(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
         return role
 
-    def _content(self, message: language_pb2.ChatMessage) -> str:
+    def _content(self, message: language_pb2.ChatMessage, frame_slots: list[bool]) -> str:
+        """The message's text with a slot per image and per video frame, in order; each
+        slot's kind is appended to `frame_slots`."""
         parts = []
         for part in message.content:
-            if part.WhichOneof("kind") == "image":
-                if message.role != "user":
-                    raise InvalidInput(
-                        f"images are only allowed in user messages, not {message.role}"
-                    )
+            kind = part.WhichOneof("kind")
+            if kind in ("image", "video") and message.role != "user":
+                raise InvalidInput(f"{kind}s are only allowed in user messages, not {message.role}")
+            if kind == "image":
                 parts.append(f"{self._slot}")
+                frame_slots.append(False)
+            elif kind == "video":
+                parts.append(frame_prompt(len(part.video.frames), self._slot))
+                frame_slots += [True] * len(part.video.frames)
             else:
                 parts.append(part.text)
         return "\n".join(parts)
@@ -161,4 +188,6 @@ class PromptBuilder:
             slots = token_ids == self.img_context_id
             embeds[slots] = torch.cat(features).to(embeds.dtype)
         image_tokens = sum(int(f.shape[0]) + 2 for f in features)
-        return Prompt(ids, embeds, image_tokens)
+        frames = rendered.frame_slots or (False,) * len(features)
+        video_tokens = sum(int(f.shape[0]) + 2 for f, x in zip(features, frames, strict=True) if x)
+        return Prompt(ids, embeds, image_tokens, video_tokens)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 
@@ -38,12 +40,14 @@ class CoupledVision:
         encoder.check_mode(self.default_mode)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coupled-vit")
 
-    def _encode_all(self, images: list[bytes], mode: VirMode) -> EncodedImages:
+    def _encode_all(
+        self, images: list[bytes], mode: VirMode, max_tiles: Sequence[int]
+    ) -> EncodedImages:
         result = EncodedImages(features=[], server="in-process")
         per_image = []
-        for data in images:
+        for data, bound in zip(images, list(max_tiles) or [0] * len(images), strict=True):
             t0 = time.monotonic_ns()
-            tiled = self.encoder.preprocess(data, self.limits)
+            tiled = self.encoder.preprocess(data, self._limits(bound))
             t1 = time.monotonic_ns()
             batches = tiled.pixel_values.split(self.max_batch_tiles)
             with_vir = mode is not VirMode.QUARTER
@@ -55,12 +59,23 @@ class CoupledVision:
             result.tokens_per_tile.append(tokens)
         return result
 
+    def _limits(self, max_tiles: int) -> TilingLimits:
+        """The tiling limits of one image: the server's, or fewer tiles when it asks."""
+        if max_tiles <= 0 or max_tiles >= self.limits.max_tiles:
+            return self.limits
+        return replace(
+            self.limits,
+            min_tiles=min(self.limits.min_tiles, max_tiles),
+            max_tiles=max_tiles,
+        )
+
     async def encode(
         self,
         request_id: str,
         images: list[bytes],
         mode: VirMode | None = None,
         deadline: Deadline = Deadline(),
+        max_tiles: Sequence[int] = (),
     ) -> EncodedImages:
         mode = mode or self.default_mode
         self.encoder.check_mode(mode)
@@ -74,7 +89,7 @@ class CoupledVision:
                     code=grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
             started = time.monotonic_ns()
-            result = self._encode_all(images, mode)
+            result = self._encode_all(images, mode, max_tiles)
             result.queue_ns = started - queued
             return result
 

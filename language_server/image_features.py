@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,9 +38,12 @@ class FeatureSource(Protocol):
         images: list[bytes],
         mode: VirMode | None = None,
         deadline: Deadline = Deadline(),
+        max_tiles: Sequence[int] = (),
     ) -> EncodedImages:
         """mode None: the source's default (the vision server's, or --vir-mode in coupled);
-        the encode ends by `deadline` (DvdError DEADLINE_EXCEEDED otherwise)."""
+        the encode ends by `deadline` (DvdError DEADLINE_EXCEEDED otherwise). `max_tiles`
+        bounds each image's tiles (0 or left out: the source's own bound; 1 for video
+        frames)."""
         ...
 
     async def start(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -55,6 +56,7 @@ class Qwen3VLCoupledVision:
         images: list[bytes],
         mode: VirMode | None = None,
         deadline: Deadline = Deadline(),
+        max_tiles: Sequence[int] = (),  # InternVL's per-image tile bound: no tiles here
     ) -> EncodedImages:
         queued = time.monotonic_ns()
 

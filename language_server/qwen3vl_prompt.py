@@ -35,12 +35,17 @@ class Qwen3VLPrompt:
     token_ids: list[int]  # every pad expanded to its image's tokens
     image_tokens: int  # image rows plus their <|vision_start|>/<|vision_end|>
     request: dict[str, Any]  # vLLM's prompt dict (qwen3vl_request)
+    video_tokens: int = 0  # video input is not served for Qwen3-VL yet
 
     def engine_input(self) -> dict[str, Any]:
         return self.request
 
 
 class Qwen3VLPromptBuilder:
+    accepts_video = False
+    """Qwen3-VL video (frames with their timestamps) is not served yet: the gateway refuses
+    video parts for this model, and a video part that arrives anyway is an InvalidInput."""
+
     def __init__(self, tokenizer: Any, config: Qwen3VLConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
@@ -95,6 +100,8 @@ class Qwen3VLPromptBuilder:
     def _content(self, message: language_pb2.ChatMessage) -> list[dict[str, str]]:
         parts = []
         for part in message.content:
+            if part.WhichOneof("kind") == "video":
+                raise InvalidInput("video input is not served for Qwen3-VL models yet")
             if part.WhichOneof("kind") == "image":
                 if message.role != "user":
                     raise InvalidInput(

@@ -83,6 +83,7 @@ def make_feature_source(
             max_rows,
             checkpoint.llm_hidden_size,
             routing=config.vision_routing,
+            rows_per_tile=checkpoint.tokens_per_tile,  # video frames reserve one tile's
             resolve_s=config.vision_resolve_s,
             dns_server=config.dns_server,
             metrics=metrics,

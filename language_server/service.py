@@ -22,6 +22,7 @@ from language_server.chat_prompt import BuiltPrompt, ChatPromptBuilder
 from language_server.engine import LlmEngine, Sampling
 from language_server.image_features import EncodedImages, FeatureSource
 from language_server.metrics import STAGES, LanguageMetrics
+from language_server.video_prompt import encode_visual, visual_inputs
 
 log = logging.getLogger(__name__)
 
@@ -118,32 +119,28 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             "waiting for its first token" if stage == "waiting" else "decoding",
         )
 
-    def _images(self, request: language_pb2.GenerateRequest) -> list[bytes]:
-        images = [
-            part.image
-            for message in request.messages
-            for part in message.content
-            if part.WhichOneof("kind") == "image"
-        ]
-        if len(images) > self.limits.max_images_per_request:
-            raise InvalidInput(
-                f"{len(images)} images in one request; the limit is "
-                f"{self.limits.max_images_per_request}"
-            )
-        return images
-
     async def _generate(
         self, request: language_pb2.GenerateRequest, deadline: Deadline
     ) -> AsyncGenerator[language_pb2.GenerateResponse, None]:
         started = time.monotonic_ns()
-        images = self._images(request)
+        # Images and video frames (one tile each), in prompt order (video_prompt.py).
+        images = visual_inputs(request.messages, self.limits.max_images_per_request)
         try:
             mode = vir_mode.from_wire(request.vir_mode)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         # Features are on their way while the text is templated and tokenised.
         encoding = (
-            asyncio.create_task(self.vision.encode(request.request_id, images, mode, deadline))
+            asyncio.create_task(
+                encode_visual(
+                    self.vision,
+                    request.request_id,
+                    images,
+                    mode,
+                    deadline,
+                    per_call=self.limits.max_images_per_request,
+                )
+            )
             if images
             else None
         )
@@ -232,6 +229,7 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
                     prompt_tokens=len(prompt.token_ids),
                     image_tokens=prompt.image_tokens,
                     completion_tokens=completion_tokens,
+                    video_tokens=prompt.video_tokens,
                 )
                 self._observe(timings, usage)
                 log.info(
@@ -274,6 +272,7 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
             mode=self.limits.mode,
             vision_addresses=self.vision.member_addresses(),
             max_images_per_request=self.limits.max_images_per_request,
+            accepts_video=self.builder.accepts_video,
         )
 
     async def Health(

@@ -98,6 +98,7 @@ class VisionPool:
         hidden: int,
         *,
         routing: str = CACHE_AFFINE,
+        rows_per_tile: int = 0,
         resolve_s: float = DEFAULT_RESOLVE_S,
         dns_server: str = "",
         metrics: LanguageMetrics | None = None,
@@ -114,6 +115,9 @@ class VisionPool:
         self.receiver = receiver
         self.image_capacity = max_rows_per_image * hidden * dtype.itemsize
         self.rows_of = rows_of
+        self.tile_capacity = rows_per_tile * hidden * dtype.itemsize
+        """Bytes of one tile's rows (0: unknown), so an image with few tiles (a video frame's
+        one) reserves no more than it can fill in an shm or tcp destination."""
         self.hidden = hidden
         self.routing = routing
         self.metrics = metrics or LanguageMetrics()
@@ -167,11 +171,16 @@ class VisionPool:
         images: list[bytes],
         mode: VirMode | None = None,
         deadline: Deadline = Deadline(),
+        max_tiles: Sequence[int] = (),
     ) -> EncodedImages:
         await self.start()
+        bounds = list(max_tiles) or [0] * len(images)
         request = vision_pb2.EncodeRequest(
             request_id=request_id,
-            images=[vision_pb2.ImageInput(data=d) for d in images],
+            images=[
+                vision_pb2.ImageInput(data=d, max_tiles=t)
+                for d, t in zip(images, bounds, strict=True)
+            ],
             feature_dtype=wire_dtype(self.dtype),
             vir_mode=vir_mode.to_wire(mode),
         )
@@ -218,13 +227,6 @@ class VisionPool:
                 )
             server = other
 
-    def _capacity(self, data: bytes) -> int:
-        """Bytes an image's features may take."""
-        if self.rows_of is None:
-            return self.image_capacity
-        rows_bytes = self.rows_of(data) * self.hidden * self.dtype.itemsize
-        return min(self.image_capacity, rows_bytes)
-
     async def _connection(self, server: VisionServer) -> str:
         """The transport's connection to `server`, made before its first request."""
         if server.connection is None:
@@ -240,6 +242,18 @@ class VisionPool:
                 raise _RetryableError() from None
         return server.connection
 
+    def _capacity(self, image: vision_pb2.ImageInput) -> int:
+        """Bytes to reserve for an image's rows, at most the largest image's: from its header
+        when the family sizes images by pixels (`rows_of`, Qwen3-VL), else its tiles' (and
+        the thumbnail that comes with more than one) when it names a tile limit."""
+        if self.rows_of is not None:
+            rows_bytes = self.rows_of(image.data) * self.hidden * self.dtype.itemsize
+            return min(self.image_capacity, rows_bytes)
+        if image.max_tiles <= 0 or not self.tile_capacity:
+            return self.image_capacity
+        tiles = image.max_tiles + (1 if image.max_tiles > 1 else 0)
+        return min(self.image_capacity, tiles * self.tile_capacity)
+
     async def _encode_on(
         self, server: VisionServer, request: vision_pb2.EncodeRequest, deadline: Deadline
     ) -> EncodedImages:
@@ -252,7 +266,7 @@ class VisionPool:
         count = len(request.images)
         shape = RequestShape(
             request.request_id,
-            [self._capacity(image.data) for image in request.images],
+            [self._capacity(image) for image in request.images],
             self.hidden,
             self.dtype,
             connection_id=await self._connection(server),

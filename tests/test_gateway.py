@@ -169,7 +169,9 @@ class FakeLanguage(language_pb2_grpc.LanguageServiceServicer):
         )
 
     def Info(self, request: Any, context: Any) -> language_pb2.LanguageInfo:
-        return language_pb2.LanguageInfo(model=MODEL, max_model_len=4096, mode="dvd")
+        return language_pb2.LanguageInfo(
+            model=MODEL, max_model_len=4096, mode="dvd", accepts_video=True
+        )
 
     def Health(self, request: Any, context: Any) -> common_pb2.HealthResponse:
         return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_SERVING)

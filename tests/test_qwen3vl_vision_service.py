@@ -227,3 +227,20 @@ def test_the_language_side_sizes_each_region_from_the_header(tiny: Path) -> None
     assert image_rows(processor, _png(96, 64, 1)) == 70
     assert image_rows(processor, _png(448, 320, 2)) == 140
     assert image_rows(processor, b"not an image") == processor.max_pixels // 32**2
+
+
+def test_a_video_part_is_refused_not_dropped(tiny: Path, config: Qwen3VLConfig) -> None:
+    """Qwen3-VL video is not served yet: the gateway is told so (accepts_video false), and a
+    video part sent to the language server directly is an InvalidInput, not ignored text."""
+    from dvd.errors import InvalidInput
+
+    builder = Qwen3VLPromptBuilder.from_checkpoint(config, tiny)
+    assert builder.accepts_video is False
+    video = language_pb2.ContentPart(
+        video=language_pb2.VideoFrames(frames=[b"png"], timestamps_s=[0.0], frame_indices=[0])
+    )
+    message = language_pb2.ChatMessage(
+        role="user", content=[video, language_pb2.ContentPart(text="What happens?")]
+    )
+    with pytest.raises(InvalidInput, match="video input is not served for Qwen3-VL"):
+        builder.render([message])

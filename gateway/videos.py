@@ -1,0 +1,112 @@
+"""Turns a `video_url` content part into the frames the language server receives.
+
+`data:video/<type>;base64,` URLs are decoded here; http(s) URLs are fetched by
+gateway.media_guard under the same address rules as images, with the video's own size and
+time caps (`--max-video-bytes`, `--remote-video-timeout-s`). The file is then decoded and its
+frames sampled by dvd.video on a worker thread, at most `--max-concurrent-video-decodes`
+videos at once. The result is a `VideoFrames` content part: PNG frames and their times.
+Every refusal is a 400 `ApiError` naming the field (`param`), its message the flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from dvd.v1 import language_pb2
+from dvd.video import SampledVideo, VideoError, sample_video
+from gateway.config import GatewayConfig
+from gateway.errors import ApiError
+from gateway.images import DECODE_IN_THREAD_BYTES, decode_data_url
+from gateway.media_guard import MediaFetcher, video_kind
+from gateway.metrics import GatewayMetrics
+
+FLAG_OF_LIMIT = {
+    "max_duration_s": "--max-video-duration-s",
+    "max_source_frames": "--max-video-duration-s",
+    "max_pixels": "--max-video-pixels",
+    "decode_timeout_s": "--video-decode-timeout-s",
+}
+"""The gateway flag behind each dvd.video limit, named in refusals."""
+
+
+class VideoLoader:
+    """Loads, decodes and samples videos; owned by the app's state."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        fetcher: MediaFetcher | None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.limits = config.video_limits()
+        self.slots = asyncio.Semaphore(config.max_concurrent_video_decodes)
+
+    async def load(self, url: str, param: str) -> language_pb2.VideoFrames:
+        """The sampled frames of the video behind `url`."""
+        data = await self.fetch(url, param)
+        async with self.slots:
+            started = time.perf_counter()
+            try:
+                video = await asyncio.to_thread(sample_video, data, self.limits)
+            except VideoError as exc:
+                self._count("refused")
+                raise refusal(exc, param) from None
+            finally:
+                if self.metrics is not None:
+                    self.metrics.video_decode_seconds.observe(time.perf_counter() - started)
+        self._count("ok")
+        if self.metrics is not None:
+            self.metrics.video_frames.inc(len(video.frames))
+        return to_wire(video)
+
+    async def fetch(self, url: str, param: str) -> bytes:
+        """The video file's bytes, from a data: URL or (when allowed) an http(s) fetch."""
+        max_bytes = self.config.max_video_bytes
+        scheme = url[: url.find(":") + 1].lower()
+        if scheme == "data:":
+            if len(url) > DECODE_IN_THREAD_BYTES:
+                return await asyncio.to_thread(decode_data_url, url, max_bytes, param, "video")
+            return decode_data_url(url, max_bytes, param, "video")
+        if scheme in ("http:", "https:"):
+            if self.fetcher is None:
+                raise ApiError(
+                    400,
+                    f"{param}: video URLs are not fetched by this server; send the video "
+                    "inline as a data:video/...;base64,... URL",
+                    param=param,
+                    code="remote_images_disabled",
+                )
+            return await self.fetcher.fetch(url, param, video_kind(self.config))
+        raise ApiError(
+            400,
+            f"{param}: unsupported video URL scheme {scheme or url[:16]!r}; "
+            "use data:video/...;base64,... or http(s)",
+            param=param,
+        )
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.videos.labels(outcome=outcome).inc()
+
+
+def refusal(exc: VideoError, param: str) -> ApiError:
+    """A dvd.video refusal as the client's 400: the field, the reason, the flag."""
+    flag = FLAG_OF_LIMIT.get(exc.limit or "")
+    hint = f" (gateway flag {flag})" if flag else ""
+    code = "video_too_large" if exc.limit else "invalid_video"
+    return ApiError(400, f"{param}: {exc.message}{hint}", param=param, code=code)
+
+
+def to_wire(video: SampledVideo) -> language_pb2.VideoFrames:
+    return language_pb2.VideoFrames(
+        frames=video.frames,
+        timestamps_s=video.timestamps_s,
+        frame_indices=video.frame_indices,
+        source_fps=video.source_fps,
+        source_frames=video.source_frames,
+        duration_s=video.duration_s,
+    )
