@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,7 +16,7 @@ from dvd.deadline import Deadline
 from dvd.errors import DvdError, InvalidInput, Overloaded, Unavailable
 from dvd.features import torch_dtype
 from dvd.grpc_options import MAX_CHUNK_BYTES
-from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender, StaleConnection
+from dvd.transport import Emission, FeatureSender
 from dvd.v1 import common_pb2, vision_pb2
 from dvd.vir_mode import VirMode
 from vision_server.batcher import Cancellation, EncodedTiles, TileBatcher, TileRun
@@ -25,7 +24,7 @@ from vision_server.config import VisionServerConfig
 from vision_server.encoder import TilingLimits, VisionEncoder
 from vision_server.encoder_cache import CachedImage, EncoderCache, image_key
 from vision_server.metrics import VisionMetrics
-from vision_server.session import EncodeServicer, Sessions
+from vision_server.service_base import VisionServiceBase
 from vision_server.tile_features import TileFeatures, fixed_compression, select_rows
 from vision_server.tiling import ImageLayout, TiledImage
 
@@ -63,7 +62,7 @@ class _Image:
     tiles: int  # what tiling will make of it (0 when cached), read from its header
 
 
-class VisionService(EncodeServicer):
+class VisionService(VisionServiceBase):
     def __init__(
         self,
         config: VisionServerConfig,
@@ -73,44 +72,17 @@ class VisionService(EncodeServicer):
         senders: dict[str, FeatureSender],
         cache: EncoderCache | None = None,
     ) -> None:
-        self.config = config
-        self.senders = senders
+        super().__init__(config, metrics, senders)
         self.cache = cache if cache is not None else EncoderCache(0)
         self.encoder = encoder
         self.batcher = batcher
-        self.metrics = metrics
-        self._preprocess_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         ckpt = encoder.config
         self.max_tiles = config.max_tiles or ckpt.max_dynamic_patch
         self.default_mode = (
             vir_mode.parse(config.vir_mode) if config.vir_mode != "auto" else encoder.default_mode()
         )
         encoder.check_mode(self.default_mode)
-        self.sessions = Sessions(self.run_call, metrics.sessions, metrics.session_batch)
         metrics.queued_tiles.set_function(lambda: batcher.admitted_tiles)
-        self.ready = True
-
-    def close(self) -> None:
-        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
-        for sender in self.senders.values():
-            sender.close()
-
-    def _emission(self, request: vision_pb2.EncodeRequest) -> Emission:
-        """The transport the request's destination names (grpc when it names none)."""
-        kind = request.destination.WhichOneof("kind")
-        name = DESTINATION_KINDS[kind] if kind else "grpc"
-        sender = self.senders.get(name)
-        if sender is None:
-            raise InvalidInput(
-                f"transport {name} is not enabled on this vision server "
-                f"(enabled: {', '.join(self.senders)})"
-            )
-        try:
-            return sender.open(request)
-        except StaleConnection as exc:  # we restarted since the caller connected
-            raise DvdError(f"{name}: {exc}", code=grpc.StatusCode.FAILED_PRECONDITION) from None
-        except ValueError as exc:
-            raise InvalidInput(f"{name} destination: {exc}") from None
 
     def _limits(self, image: vision_pb2.ImageInput) -> TilingLimits:
         ckpt = self.encoder.config
@@ -142,11 +114,6 @@ class VisionService(EncodeServicer):
             )
         self.encoder.check_mode(mode)
         return mode
-
-    async def drain(self) -> None:
-        """Shutdown has begun: calls in flight finish, new ones go elsewhere."""
-        self.ready = False
-        await self.sessions.drain()
 
     async def run_call(
         self, request: vision_pb2.EncodeRequest, deadline: Deadline
@@ -410,27 +377,4 @@ class VisionService(EncodeServicer):
             max_image_pixels=self.config.max_image_pixels,
             has_router=ckpt.has_router,
             default_vir_mode=vir_mode.to_wire(self.default_mode),
-        )
-
-    async def RdmaConnect(
-        self, request: vision_pb2.RdmaConnectRequest, context: grpc.aio.ServicerContext
-    ) -> vision_pb2.RdmaConnectResponse:
-        sender = self.senders.get("rdma")
-        if sender is None:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "the rdma transport is not enabled on this server"
-            )
-        try:
-            return sender.connect(request)  # type: ignore[union-attr]
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rdma connect: {exc}")
-            raise  # abort raises; this keeps type checkers informed
-
-    async def Health(
-        self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.HealthResponse:
-        if self.ready:
-            return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_SERVING)
-        return common_pb2.HealthResponse(
-            status=common_pb2.HealthResponse.STATUS_NOT_SERVING, detail="draining"
         )

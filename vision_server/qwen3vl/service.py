@@ -23,7 +23,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -33,7 +32,7 @@ from dvd.deadline import Deadline
 from dvd.errors import DvdError, InvalidInput, Overloaded, Unavailable
 from dvd.features import torch_dtype
 from dvd.grpc_options import MAX_CHUNK_BYTES
-from dvd.transport import DESTINATION_KINDS, Emission, FeatureSender, StaleConnection
+from dvd.transport import Emission, FeatureSender
 from dvd.v1 import common_pb2, vision_pb2
 from vision_server.batcher import Cancellation
 from vision_server.config import VisionServerConfig
@@ -42,7 +41,7 @@ from vision_server.qwen3vl.encoder import EncodedItem, Qwen3VLEncoder
 from vision_server.qwen3vl.item_batcher import EncodedResult, ItemBatcher
 from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image, smart_resize
 from vision_server.qwen3vl.processor_config import ProcessorConfig
-from vision_server.session import EncodeServicer, Sessions
+from vision_server.service_base import VisionServiceBase
 from vision_server.tiling import decode_image
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ class _Image:
     patches: int  # what preprocessing will make of it (0 when cached), from its header
 
 
-class Qwen3VLVisionService(EncodeServicer):
+class Qwen3VLVisionService(VisionServiceBase):
     def __init__(
         self,
         config: VisionServerConfig,
@@ -117,44 +116,14 @@ class Qwen3VLVisionService(EncodeServicer):
         cache: ItemCache,
         resize: str = "pil",
     ) -> None:
-        self.config = config
+        super().__init__(config, metrics, senders)
         self.encoder = encoder
         self.processor = processor
         self.batcher = batcher
-        self.metrics = metrics
-        self.senders = senders
         self.cache = cache
         self.resize = resize
-        self._preprocess_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self._key_salt = key_salt(encoder, processor, resize)
-        self.sessions = Sessions(self.run_call, metrics.sessions, metrics.session_batch)
         metrics.queued_tiles.set_function(lambda: batcher.admitted_patches)
-        self.ready = True
-
-    def close(self) -> None:
-        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
-        for sender in self.senders.values():
-            sender.close()
-
-    async def drain(self) -> None:
-        self.ready = False
-        await self.sessions.drain()
-
-    def _emission(self, request: vision_pb2.EncodeRequest) -> Emission:
-        kind = request.destination.WhichOneof("kind")
-        name = DESTINATION_KINDS[kind] if kind else "grpc"
-        sender = self.senders.get(name)
-        if sender is None:
-            raise InvalidInput(
-                f"transport {name} is not enabled on this vision server "
-                f"(enabled: {', '.join(self.senders)})"
-            )
-        try:
-            return sender.open(request)
-        except StaleConnection as exc:
-            raise DvdError(f"{name}: {exc}", code=grpc.StatusCode.FAILED_PRECONDITION) from None
-        except ValueError as exc:
-            raise InvalidInput(f"{name} destination: {exc}") from None
 
     def _check(self, request: vision_pb2.EncodeRequest) -> None:
         if not request.images:
@@ -331,27 +300,4 @@ class Qwen3VLVisionService(EncodeServicer):
             max_batch_patches=self.batcher.max_batch_patches,
             min_pixels=self.processor.min_pixels,
             max_pixels=self.processor.max_pixels,
-        )
-
-    async def RdmaConnect(
-        self, request: vision_pb2.RdmaConnectRequest, context: grpc.aio.ServicerContext
-    ) -> vision_pb2.RdmaConnectResponse:
-        sender = self.senders.get("rdma")
-        if sender is None:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "the rdma transport is not enabled on this server"
-            )
-        try:
-            return sender.connect(request)  # type: ignore[union-attr]
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rdma connect: {exc}")
-            raise
-
-    async def Health(
-        self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.HealthResponse:
-        if self.ready:
-            return common_pb2.HealthResponse(status=common_pb2.HealthResponse.STATUS_SERVING)
-        return common_pb2.HealthResponse(
-            status=common_pb2.HealthResponse.STATUS_NOT_SERVING, detail="draining"
         )
