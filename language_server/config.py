@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from dvd.discovery import parse_targets
 from dvd.routing import VISION_ROUTINGS
@@ -144,3 +146,22 @@ class LanguageServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+DEFAULT_CONTEXT_CAP = 32768
+"""The context length served when --max-model-len is 0 and the model allows more: vLLM's
+KV cache is sized for it, and most chats are far shorter."""
+
+
+def context_length(config: LanguageServerConfig, llm_config: Mapping[str, Any]) -> int:
+    """--max-model-len, or the model's own limit capped at DEFAULT_CONTEXT_CAP when it is 0;
+    ValueError when it exceeds the model's max_position_embeddings."""
+    model_max = int(llm_config.get("max_position_embeddings", DEFAULT_CONTEXT_CAP))
+    if config.max_model_len == 0:
+        return min(model_max, DEFAULT_CONTEXT_CAP)
+    if config.max_model_len > model_max:
+        raise ValueError(
+            f"--max-model-len {config.max_model_len} exceeds the model's "
+            f"max_position_embeddings {model_max}"
+        )
+    return config.max_model_len

@@ -14,7 +14,7 @@ from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
 from dvd.env import cache_dir
 from dvd.features import parse_dtype
 from dvd.tls import Tls
-from language_server.config import LanguageServerConfig
+from language_server.config import LanguageServerConfig, context_length
 from language_server.engine import LlmEngine
 from language_server.image_features import FeatureSource
 from language_server.metrics import LanguageMetrics
@@ -26,20 +26,6 @@ from vision_server.qwen3vl.preprocess import smart_resize
 from vision_server.qwen3vl.processor_config import ProcessorConfig, load_image_processor_config
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CONTEXT_CAP = 32768
-
-
-def context_length(config: LanguageServerConfig, checkpoint: Qwen3VLConfig) -> int:
-    model_max = int(checkpoint.llm_config.get("max_position_embeddings", DEFAULT_CONTEXT_CAP))
-    if config.max_model_len == 0:
-        return min(model_max, DEFAULT_CONTEXT_CAP)
-    if config.max_model_len > model_max:
-        raise ValueError(
-            f"--max-model-len {config.max_model_len} exceeds the model's "
-            f"max_position_embeddings {model_max}"
-        )
-    return config.max_model_len
 
 
 def image_rows(processor: ProcessorConfig, data: bytes) -> int:
@@ -75,7 +61,7 @@ def start_qwen3vl(
     checkpoint = load_qwen3vl_config(config.model)
     if checkpoint.is_moe:
         raise ValueError("language server: Qwen3-VL-MoE is not served yet")
-    max_model_len = context_length(config, checkpoint)
+    max_model_len = context_length(config, checkpoint.llm_config)
     view = prepare_qwen3vl_view(checkpoint, config.cache_dir or cache_dir())
     settings = settings_for(config, view, max_model_len)  # type: ignore[operator]
     engine = Qwen3VLEngine.start(checkpoint, settings).engine

@@ -20,7 +20,7 @@ from dvd.transport import FeatureReceiver, receiver_class
 from dvd.v1 import language_pb2_grpc
 from language_server.admission import WaitingRoom
 from language_server.chat_prompt import ChatPromptBuilder, PromptBuilder
-from language_server.config import LanguageServerConfig
+from language_server.config import LanguageServerConfig, context_length
 from language_server.engine import EngineSettings, LlmEngine
 from language_server.image_features import FeatureSource
 from language_server.llm_view import prepare_llm_view
@@ -30,7 +30,6 @@ from language_server.vllm_version import check_vllm_version
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTEXT_CAP = 32768
 TRUST = {
     "shm": "features stay in this host's shared memory; TLS covers the Encode stream that "
     "carries their offsets",
@@ -38,18 +37,6 @@ TRUST = {
     "which carry the queue pair, buffer address and rkey",
 }
 """What TLS does and does not cover for the transports without a connection of their own."""
-
-
-def context_length(config: LanguageServerConfig, checkpoint: InternVLConfig) -> int:
-    model_max = int(checkpoint.llm_config.get("max_position_embeddings", DEFAULT_CONTEXT_CAP))
-    if config.max_model_len == 0:
-        return min(model_max, DEFAULT_CONTEXT_CAP)
-    if config.max_model_len > model_max:
-        raise ValueError(
-            f"--max-model-len {config.max_model_len} exceeds the model's "
-            f"max_position_embeddings {model_max}"
-        )
-    return config.max_model_len
 
 
 def verify_checkpoint(config: LanguageServerConfig, checkpoint: InternVLConfig) -> None:
@@ -154,7 +141,7 @@ async def serve(config: LanguageServerConfig, grace_s: float = 30.0) -> None:
     vision: FeatureSource
     if checkpoint_family(config.model) is Family.INTERNVL:
         checkpoint = load_config(config.model)
-        max_model_len = context_length(config, checkpoint)
+        max_model_len = context_length(config, checkpoint.llm_config)
         # Fail before vLLM starts, naming the tensors, rather than serve uninitialised weights.
         verify_checkpoint(config, checkpoint)
         view = prepare_llm_view(checkpoint, config.cache_dir or cache_dir())
