@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from dvd.errors import refused_as_busy
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,15 @@ upload an Encode call's fixed cost is small."""
 class CallFailed(Exception):
     """An Encode call on a session ended with an error status."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, busy: bool = False) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.busy = busy
+        """The server refused the call with its own bound (Overloaded): try another."""
 
     def copy(self) -> CallFailed:
-        return CallFailed(self.code, self.details)
+        return CallFailed(self.code, self.details, self.busy)
 
 
 _Item = vision_pb2.SessionResponse | CallFailed
@@ -196,7 +199,7 @@ class RpcCall(EncodeCall):
             async for response in self._rpc:
                 yield response
         except grpc.aio.AioRpcError as exc:
-            raise CallFailed(exc.code(), exc.details() or "") from None
+            raise CallFailed(exc.code(), exc.details() or "", refused_as_busy(exc)) from None
 
     def cancel(self) -> None:
         self._rpc.cancel()  # a no-op once it ended
@@ -223,7 +226,10 @@ class SessionCall(EncodeCall):
             if item.WhichOneof("kind") == "error":
                 self._end()
                 code = _STATUS_BY_NUMBER.get(item.error.code, grpc.StatusCode.UNKNOWN)
-                raise CallFailed(code, item.error.message)
+                # A call's error on a session comes from the server's own code, never from
+                # gRPC: RESOURCE_EXHAUSTED there is always its bound (Overloaded).
+                busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                raise CallFailed(code, item.error.message, busy)
             if item.response.WhichOneof("kind") == "done":
                 self._end()
             yield item.response

@@ -38,6 +38,25 @@ class Overloaded(DvdError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+BUSY_METADATA = ("dvd-busy", "1")
+"""Trailing metadata of a call refused by our own bounds (Overloaded). gRPC gives
+RESOURCE_EXHAUSTED for its message-size limits too; only a call that carries this is a busy
+server worth trying elsewhere or again."""
+
+
+def trailing_metadata(exc: DvdError) -> tuple[tuple[str, str], ...]:
+    """What a server's abort for `exc` carries besides code and message."""
+    return (BUSY_METADATA,) if isinstance(exc, Overloaded) else ()
+
+
+def refused_as_busy(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call was a server's own "busy, try again" (Overloaded), not another
+    RESOURCE_EXHAUSTED such as a message over gRPC's size limit."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return any(tuple(item) == BUSY_METADATA for item in error.trailing_metadata() or ())
+
+
 GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.INVALID_ARGUMENT: 400,

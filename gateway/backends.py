@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import grpc
 
 from dvd.discovery import Members, Resolver, Target, make_resolver, parse_targets
+from dvd.errors import refused_as_busy
 from dvd.grpc_options import CHANNEL_OPTIONS
 from dvd.routing import LEAST_LOADED, LeastLoaded, bounded_affinity
 from dvd.tls import Tls, describe_client, open_channel
@@ -53,7 +54,6 @@ COOLDOWN_S = 5.0
 BUSY_BACKOFF_S = 1.0
 """How long a member that refused a call (RESOURCE_EXHAUSTED) is passed over when others
 are available: it is busy, not gone."""
-RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 TIER = "language"
 
 
@@ -199,7 +199,8 @@ class BackendPool:
                 try:
                     message = await call.read()
                 except grpc.aio.AioRpcError as error:
-                    if error.code() not in RETRIED:
+                    busy = refused_as_busy(error)
+                    if error.code() != grpc.StatusCode.UNAVAILABLE and not busy:
                         raise
                     self._set_aside(backend, error)
                     if any(b.address not in tried for b in self.backends):
@@ -207,7 +208,7 @@ class BackendPool:
                             "request %s: %s %s (%s); trying another language server",
                             request.request_id,
                             backend.address,
-                            "unavailable" if error.code() == RETRIED[0] else "busy",
+                            "busy" if busy else "unavailable",
                             error.details(),
                         )
                         continue
@@ -224,7 +225,7 @@ class BackendPool:
     def _set_aside(self, backend: Backend, error: grpc.aio.AioRpcError) -> None:
         """Routing passes over a member that failed a call for a while: a busy one briefly,
         one that is unavailable (gone, restarting) for longer."""
-        if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if refused_as_busy(error):
             backend.busy_until = time.monotonic() + BUSY_BACKOFF_S
             if self._metrics is not None:
                 self._metrics.member_refusals.labels(backend.address).inc()

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dvd.errors import http_status
+from dvd.errors import http_status, refused_as_busy
 from gateway.protocol import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("dvd.gateway")
@@ -98,6 +98,9 @@ def from_grpc(error: grpc.aio.AioRpcError, address: str | None = None) -> ApiErr
     after RETRY_AFTER_S, like the gateway's own limit."""
     code = error.code()
     details = error.details() or code.name
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not refused_as_busy(error):
+        # gRPC's own: a message over a size limit between the tiers, not a busy server.
+        return ApiError(400, f"the request is too large to pass between servers: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(
             429,

@@ -23,6 +23,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
+from dvd.errors import refused_as_busy
 from dvd.v1 import language_pb2
 from gateway.backends import BackendPool
 from gateway.config import GatewayConfig
@@ -105,7 +106,7 @@ def backend_error(error: grpc.aio.AioRpcError, record: RequestRecord) -> ApiErro
             record.deadline.reason,
         )
         return record.deadline.exceeded()
-    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if refused_as_busy(error):
         logger.info(
             "request %s refused, every language server tried is busy: %s",
             record.request_id,

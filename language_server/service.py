@@ -14,7 +14,7 @@ import grpc
 
 from dvd import vir_mode
 from dvd.deadline import Deadline
-from dvd.errors import DvdError, InvalidInput
+from dvd.errors import DvdError, InvalidInput, trailing_metadata
 from dvd.grpc_server import close_when_done
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from language_server.admission import Place, WaitingRoom
@@ -66,7 +66,7 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
                 async for message in messages:
                     yield message
         except DvdError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, trailing_metadata(exc))
 
     async def _serve(
         self, request: language_pb2.GenerateRequest, deadline: Deadline

@@ -302,7 +302,7 @@ class VisionPool:
                 server.connection = None  # connect afresh before the next request
                 server.unavailable_until = time.monotonic() + COOLDOWN_S
                 raise _RetryableError() from None
-            if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy, not broken
+            if exc.busy:  # its queue is full: busy, not broken
                 if progress.started:  # refused after some images were planned
                     self._quarantine(reception)
                 else:

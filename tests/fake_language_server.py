@@ -7,12 +7,14 @@ Generate waits `--delay-s`, then answers with one message that names the server
 SIGKILL almost always lands before a call's first message (the case a pool retries).
 Health is SERVING, Info names the model "fake".
 
-For overload tests: with `--busy` every Generate is refused with RESOURCE_EXHAUSTED, as a
-language server at its --max-waiting-requests. A request whose last text is "hang" waits
-until it is cancelled (by its caller, or by gRPC when its deadline passes); one whose last
-text is "deadline" is answered with the seconds left of its gRPC deadline ("remaining
-12.345", or "remaining none"). Health's detail counts the calls: "running N cancelled N
-expired N" (expired: cancelled because the deadline passed).
+For overload tests: with `--busy` every Generate is refused with RESOURCE_EXHAUSTED and the
+busy mark, as a language server at its --max-waiting-requests; `--max-receive-bytes N`
+makes gRPC itself refuse a larger request (RESOURCE_EXHAUSTED without the mark). A
+request whose last text is "hang" waits until it is cancelled (by its caller, or by gRPC
+when its deadline passes); one whose last text is "deadline" is answered with the seconds
+left of its gRPC deadline ("remaining 12.345", or "remaining none"). Health's detail
+counts the calls: "running N cancelled N expired N" (expired: cancelled because the
+deadline passed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from dvd.errors import Overloaded, trailing_metadata
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 
 MODEL = "fake"
@@ -39,7 +42,8 @@ class FakeLanguage(language_pb2_grpc.LanguageServiceServicer):
 
     async def Generate(self, request: Any, context: Any) -> Any:
         if self.busy:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name} is busy")
+            busy = Overloaded(f"{self.name} is busy")
+            await context.abort(busy.code, busy.message, trailing_metadata(busy))
         texts = [p.text for m in request.messages for p in m.content if p.HasField("text")]
         self.running += 1
         try:
@@ -75,8 +79,9 @@ class FakeLanguage(language_pb2_grpc.LanguageServiceServicer):
         )
 
 
-async def serve(host: str, port: int, delay_s: float, busy: bool) -> None:
-    server = grpc.aio.server()
+async def serve(host: str, port: int, delay_s: float, busy: bool, max_receive: int) -> None:
+    options = [("grpc.max_receive_message_length", max_receive)] if max_receive else []
+    server = grpc.aio.server(options=options)
     name = f"{host}:{port}"
     servicer = FakeLanguage(name, delay_s, busy)
     language_pb2_grpc.add_LanguageServiceServicer_to_server(servicer, server)
@@ -91,8 +96,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay-s", type=float, default=0.02)
     parser.add_argument("--busy", action="store_true")
+    parser.add_argument("--max-receive-bytes", type=int, default=0)
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, args.delay_s, args.busy))
+    asyncio.run(serve(args.host, args.port, args.delay_s, args.busy, args.max_receive_bytes))
 
 
 if __name__ == "__main__":

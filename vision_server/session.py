@@ -25,7 +25,7 @@ import grpc
 from prometheus_client import Gauge, Histogram
 
 from dvd.deadline import Deadline
-from dvd.errors import DvdError, Overloaded, Unavailable
+from dvd.errors import DvdError, Overloaded, Unavailable, trailing_metadata
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.grpc_server import close_when_done
 from dvd.v1 import vision_pb2, vision_pb2_grpc
@@ -264,7 +264,7 @@ class EncodeServicer(vision_pb2_grpc.VisionServiceServicer, ABC):
                 async for response in responses:
                     yield response
         except DvdError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, trailing_metadata(exc))
 
     async def EncodeSession(
         self,
