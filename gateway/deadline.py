@@ -18,8 +18,9 @@ The effective timeout is the smallest of those given and --request-timeout-s.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.errors import ApiError
 
@@ -40,6 +41,12 @@ class RequestDeadline:
     timeout_s: float
     source: str  # one of SOURCES
     reason: str  # what set it, for messages: "--request-timeout-s", a header
+    started: float = field(default_factory=time.monotonic)
+    """When the request arrived (time.monotonic()): fetching and decoding its media count."""
+
+    def remaining_s(self) -> float:
+        """Seconds left of the deadline (0 once it has passed)."""
+        return max(self.started + self.timeout_s - time.monotonic(), 0.0)
 
     def exceeded(self) -> ApiError:
         """The 504 for a request that ran past this deadline."""

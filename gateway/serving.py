@@ -67,17 +67,21 @@ async def create_chat_completion(request: Request) -> Response:
     record.deadline = deadline = request_deadline(
         request.headers, config.request_timeout_s, chat.stream
     )
-    record.model, limits = await served_model(pool, config, chat.model)
-    generate_request = await to_generate_request(
-        chat, record.request_id, config, state.media, limits, state.videos
-    )
+    try:  # fetching images and decoding videos count against the deadline too
+        async with asyncio.timeout(deadline.remaining_s()):
+            record.model, limits = await served_model(pool, config, chat.model)
+            generate_request = await to_generate_request(
+                chat, record.request_id, config, state.media, limits, state.videos
+            )
+    except TimeoutError:
+        raise deadline.exceeded() from None
 
     def on_backend(address: str) -> None:
         record.backend = address
 
     messages = pool.generate(
         generate_request,
-        timeout_s=deadline.timeout_s,
+        timeout_s=deadline.remaining_s(),
         metadata=[(REQUEST_ID_HEADER, record.request_id)],
         on_backend=on_backend,
     )

@@ -248,6 +248,29 @@ def test_timeouts(
         assert time.monotonic() - started < 5
 
 
+def test_fetching_counts_against_the_requests_deadline(
+    fake_language: tuple[str, FakeLanguage],  # noqa: F811
+    image_servers: tuple[str, str],
+) -> None:
+    """The deadline starts when the request arrives: a fetch that outlasts it ends the
+    request with a 504 naming the deadline, whatever time the fetch itself was allowed."""
+    a, _ = image_servers
+    config = gateway_config(
+        fake_language[0], allow_private_media_addresses=True, remote_image_timeout_s=10.0
+    )
+    with serve(config) as gateway:
+        body = chat([image_part(f"{a}/slow"), {"type": "text", "text": "describe"}])
+        response = httpx.post(
+            f"{gateway}/v1/chat/completions",
+            json=body,
+            headers={"X-Request-Timeout": "0.5"},
+            timeout=30,
+        )
+        assert response.status_code == 504, response.text
+        assert "did not finish within 0.5 s (X-Request-Timeout 0.5)" in response.text
+        assert ask(gateway, f"{a}/img").status_code == 200  # and the gateway still serves
+
+
 def test_host_header_reaches_the_server(image_servers: tuple[str, str]) -> None:
     a, _ = image_servers
     port = a.rsplit(":", 1)[1]
