@@ -48,16 +48,25 @@ class VideoLoader:
     async def load(self, url: str, param: str) -> language_pb2.VideoFrames:
         """The sampled frames of the video behind `url`."""
         data = await self.fetch(url, param)
-        async with self.slots:
-            started = time.perf_counter()
-            try:
-                video = await asyncio.to_thread(sample_video, data, self.limits)
-            except VideoError as exc:
-                self._count("refused")
-                raise refusal(exc, param) from None
-            finally:
-                if self.metrics is not None:
-                    self.metrics.video_decode_seconds.observe(time.perf_counter() - started)
+        await self.slots.acquire()
+        started = time.perf_counter()
+        decoding = asyncio.ensure_future(asyncio.to_thread(sample_video, data, self.limits))
+
+        def decoded(future: asyncio.Future[SampledVideo]) -> None:
+            # The slot is the thread's, not this request's: a client that goes away cancels
+            # the wait, while the decode runs on (up to its time limit) and holds the slot.
+            self.slots.release()
+            if self.metrics is not None:
+                self.metrics.video_decode_seconds.observe(time.perf_counter() - started)
+            if not future.cancelled():
+                future.exception()  # retrieved here when nobody waits for it any more
+
+        decoding.add_done_callback(decoded)
+        try:
+            video = await asyncio.shield(decoding)
+        except VideoError as exc:
+            self._count("refused")
+            raise refusal(exc, param) from None
         self._count("ok")
         if self.metrics is not None:
             self.metrics.video_frames.inc(len(video.frames))

@@ -431,3 +431,38 @@ def test_frames_are_turned_upright(rotation: int, red_side: str) -> None:
         "right": pixels[:, w // 2 :],
     }
     assert halves[red_side][..., 0].mean() > 200 and halves[red_side][..., 1].mean() < 60
+
+
+def test_a_decode_keeps_its_slot_after_its_client_goes_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--max-concurrent-video-decodes bounds decoding threads, not waiting requests: a
+    request cancelled mid-decode (its client went away) leaves the thread running, and the
+    slot stays taken until the thread ends. The decoder is held on an event here (the slot
+    accounting is the subject, not PyAV)."""
+    import gateway.videos
+
+    release = threading.Event()
+    real = gateway.videos.sample_video
+
+    def held(data: bytes, limits: VideoLimits) -> Any:
+        release.wait(30)
+        return real(data, limits)
+
+    monkeypatch.setattr(gateway.videos, "sample_video", held)
+    loader = gateway.videos.VideoLoader(GatewayConfig(max_concurrent_video_decodes=1), None)
+
+    async def scenario() -> None:
+        url = data_url(make_video())
+        first = asyncio.create_task(loader.load(url, "messages[0].content[0]"))
+        while not loader.slots.locked():
+            await asyncio.sleep(0.01)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert loader.slots.locked(), "the cancelled request's decode still runs"
+        release.set()
+        frames = await loader.load(url, "messages[0].content[0]")  # waits for that slot
+        assert len(frames.frames) > 0
+
+    asyncio.run(scenario())
