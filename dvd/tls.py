@@ -20,7 +20,8 @@ IP SAN), and for the tcp data port the host the language server advertises. The
 `--tls-server-name` flag replaces it for every server the process calls: for
 certificates that name a service (say `dvd-language`) while the callers dial addresses.
 
-Files are read once, at start (`load`): a renewed certificate takes effect on restart.
+Files are read at start (`load`; the tcp data port's SSL contexts, also built at start, read the
+same paths): a renewed certificate takes effect on restart.
 """
 
 from __future__ import annotations

@@ -62,12 +62,13 @@ async def to_generate_request(
         sampling=sampling,
         vir_mode=vir_mode.to_wire(vir_mode.parse(chat.vir_mode) if chat.vir_mode else None),
     )
-    if frames and request.ByteSize() > MAX_MESSAGE_BYTES:
+    size = request.ByteSize() if frames else 0  # a walk over up to 256 MiB: once
+    if size > MAX_MESSAGE_BYTES:
         # Sampled frames are PNGs: a long noisy video at full resolution can outgrow what
         # one gRPC message may carry, which would otherwise fail as a transport error.
         raise ApiError(
             400,
-            f"messages: the videos' sampled frames take {request.ByteSize()} bytes, more than "
+            f"messages: the videos' sampled frames take {size} bytes, more than "
             f"the {MAX_MESSAGE_BYTES} one request may carry to a language server; send "
             "shorter or smaller videos (or lower --max-video-frames / --max-video-pixels)",
             param="messages",

@@ -115,11 +115,16 @@ async def encode_visual(
     except BaseException:
         for task in tasks:
             task.cancel()
-        for task in tasks:  # free what the calls that did finish hold
-            if task.done() and not task.cancelled() and task.exception() is None:
-                task.result().release()
+            # A call may finish before its cancel lands: whenever each ends, free what it
+            # holds (and retrieve its error, so that none goes unreported).
+            task.add_done_callback(_release_if_encoded)
         raise
     return parts[0] if len(parts) == 1 else join(parts)
+
+
+def _release_if_encoded(task: asyncio.Future[EncodedImages]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().release()
 
 
 def join(parts: list[EncodedImages]) -> EncodedImages:

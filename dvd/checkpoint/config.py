@@ -230,9 +230,9 @@ def load_config(path: str | Path) -> InternVLConfig:
 
 
 def _load_original(folder: Path, config_file: Path, raw: dict[str, Any]) -> InternVLConfig:
-    vision_raw = _sub_dict(config_file, raw, "vision_config")
+    vision_raw = sub_object(config_file, raw, "vision_config")
     for key in _ORIGINAL_VISION_REQUIRED:
-        _require(config_file, vision_raw, key, "vision_config.")
+        require_key(config_file, vision_raw, key, "vision_config.")
     vision_raw = {**_ORIGINAL_VISION_DEFAULTS, **vision_raw}
     vision = _vision(config_file, vision_raw, qkv_bias="qkv_bias", qk_norm="qk_normalization")
     llm = _llm_config(config_file, raw, "llm_config")
@@ -268,12 +268,12 @@ def _flash(config_file: Path, raw: dict[str, Any]) -> FlashConfig | None:
     if not enabled and any(key not in raw for key in keys):
         return None
     for key in keys:
-        _require(config_file, raw, key)
+        require_key(config_file, raw, key)
     return FlashConfig(enabled, *(_number(config_file, raw, key) for key in keys))
 
 
 def _load_hf(folder: Path, config_file: Path, raw: dict[str, Any]) -> InternVLConfig:
-    vision_raw = {**HF_VISION_DEFAULTS, **_sub_dict(config_file, raw, "vision_config")}
+    vision_raw = {**HF_VISION_DEFAULTS, **sub_object(config_file, raw, "vision_config")}
     vision_raw["image_size"] = _square(config_file, vision_raw, "image_size")
     vision_raw["patch_size"] = _square(config_file, vision_raw, "patch_size")
     vision = _vision(config_file, vision_raw, qkv_bias="attention_bias", qk_norm="use_qk_norm")
@@ -324,7 +324,7 @@ def _vision(config_file: Path, raw: dict[str, Any], *, qkv_bias: str, qk_norm: s
 
 def _llm_config(config_file: Path, raw: dict[str, Any], key: str) -> dict[str, Any]:
     """The LLM's config as a plain CausalLM config dict (architectures and torch_dtype set)."""
-    llm = dict(_sub_dict(config_file, raw, key))
+    llm = dict(sub_object(config_file, raw, key))
     if key == "text_config":
         # transformers' InternVLConfig defaults a text_config without model_type to qwen2.
         llm.setdefault("model_type", "qwen2")
@@ -335,12 +335,12 @@ def _llm_config(config_file: Path, raw: dict[str, Any], key: str) -> dict[str, A
         if model_type not in _CAUSAL_LM:
             raise ValueError(f"{config_file}: {key}.architectures is missing")
         llm["architectures"] = [_CAUSAL_LM[model_type]]
-    _require(config_file, llm, "model_type", f"{key}.")
+    require_key(config_file, llm, "model_type", f"{key}.")
     llm["tie_word_embeddings"] = _tie_word_embeddings(config_file, raw, key, llm)
     dtype = llm.get("torch_dtype") or llm.get("dtype") or raw.get("torch_dtype") or raw.get("dtype")
     llm["torch_dtype"] = dtype or "bfloat16"
     for needed in ("hidden_size", "vocab_size", "num_hidden_layers"):
-        _require(config_file, llm, needed, f"{key}.")
+        require_key(config_file, llm, needed, f"{key}.")
     return llm
 
 
@@ -387,15 +387,17 @@ def read_json_object(file: Path) -> dict[str, Any]:
     return data
 
 
-def _sub_dict(config_file: Path, raw: dict[str, Any], key: str) -> dict[str, Any]:
-    _require(config_file, raw, key)
+def sub_object(config_file: Path, raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """`raw[key]`, which must be a JSON object (ValueError naming the file and key)."""
+    require_key(config_file, raw, key)
     value = raw[key]
     if not isinstance(value, dict):
         raise ValueError(f"{config_file}: key {key!r} is not an object")
     return value
 
 
-def _require(config_file: Path, raw: dict[str, Any], key: str, prefix: str = "") -> None:
+def require_key(config_file: Path, raw: dict[str, Any], key: str, prefix: str = "") -> None:
+    """ValueError naming the file and key when `raw` lacks `key` (or it is null)."""
     if raw.get(key) is None:
         raise ValueError(f"{config_file}: required key '{prefix}{key}' is missing")
 

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Attention head sizes vLLM's CPU backend supports: every preset's LLM uses one."""
+
 VIR_POOLING_HEADS = 16
 """InternVL3.5-Flash's router pools each tile with 16-head cross-attention (fixed in its code)."""
 
@@ -65,7 +68,7 @@ class Preset:
             raise ValueError(f"llm_heads {self.llm_heads} is not a multiple of llm_kv_heads")
         # vLLM's CPU attention backend supports only these head sizes; another size starts
         # and then kills the engine on the first request.
-        if self.llm_head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
+        if self.llm_head_dim not in VLLM_CPU_HEAD_SIZES:
             raise ValueError(f"llm_head_dim {self.llm_head_dim} is not supported by vLLM on CPU")
         if self.flash_thresholds is not None and self.vit_hidden % VIR_POOLING_HEADS:
             raise ValueError(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dvd.checkpoint.config import read_json_object
+from dvd.checkpoint.config import read_json_object, require_key, sub_object
 from dvd.checkpoint.family import Family, family_of
 
 log = logging.getLogger(__name__)
@@ -164,16 +164,16 @@ def load_qwen3vl_config(path: str | Path) -> Qwen3VLConfig:
     family = family_of(raw, str(config_file))
     if family not in _CAUSAL_LM:
         raise ValueError(f"{config_file}: a {family.display_name} checkpoint, not Qwen3-VL")
-    vision = _vision(config_file, _object(config_file, raw, "vision_config"))
-    text = _object(config_file, raw, "text_config")
+    vision = _vision(config_file, sub_object(config_file, raw, "vision_config"))
+    text = sub_object(config_file, raw, "text_config")
     required = _TEXT_REQUIRED + (_MOE_TEXT_REQUIRED if family is Family.QWEN3_VL_MOE else ())
     for key in required:
-        _require(config_file, text, key, "text_config.")
+        require_key(config_file, text, key, "text_config.")
     experts = text.get("num_experts", text.get("num_local_experts"))
     if family is Family.QWEN3_VL_MOE and experts is None:
         raise ValueError(f"{config_file}: required key 'text_config.num_experts' is missing")
     for key in _TOKEN_KEYS:
-        _require(config_file, raw, key)
+        require_key(config_file, raw, key)
     section, theta = _mrope(config_file, text)
     tie = _tie_word_embeddings(config_file, raw, text)
     config = Qwen3VLConfig(
@@ -196,7 +196,7 @@ def load_qwen3vl_config(path: str | Path) -> Qwen3VLConfig:
 
 def _vision(config_file: Path, raw: dict[str, Any]) -> Qwen3VLVisionConfig:
     for key in _VISION_REQUIRED:
-        _require(config_file, raw, key, "vision_config.")
+        require_key(config_file, raw, key, "vision_config.")
     merged = {**VISION_DEFAULTS, **raw}
     indexes = merged["deepstack_visual_indexes"]
     if not isinstance(indexes, list) or not all(isinstance(i, int) for i in indexes):
@@ -317,16 +317,3 @@ def _check_consistency(config_file: Path, config: Qwen3VLConfig) -> None:
                 f"{config_file}: {key} {getattr(config, key)} is outside text_config.vocab_size "
                 f"{vocab}"
             )
-
-
-def _object(config_file: Path, raw: dict[str, Any], key: str) -> dict[str, Any]:
-    _require(config_file, raw, key)
-    value = raw[key]
-    if not isinstance(value, dict):
-        raise ValueError(f"{config_file}: key {key!r} is not an object")
-    return value
-
-
-def _require(config_file: Path, raw: dict[str, Any], key: str, prefix: str = "") -> None:
-    if raw.get(key) is None:
-        raise ValueError(f"{config_file}: required key '{prefix}{key}' is missing")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+from dvd.checkpoint.presets import VLLM_CPU_HEAD_SIZES
 
 
 @dataclass(frozen=True)
