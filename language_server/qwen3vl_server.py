@@ -5,10 +5,7 @@ pool sized for [main | DeepStack] rows."""
 from __future__ import annotations
 
 import functools
-import io
 import logging
-
-from PIL import Image
 
 from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
 from dvd.env import cache_dir
@@ -22,7 +19,7 @@ from language_server.qwen3vl_engine import Qwen3VLEngine
 from language_server.qwen3vl_prompt import Qwen3VLPromptBuilder
 from language_server.qwen3vl_view import prepare_qwen3vl_view
 from language_server.vision_client import VisionPool
-from vision_server.qwen3vl.preprocess import smart_resize
+from vision_server.qwen3vl.preprocess import resized_grid
 from vision_server.qwen3vl.processor_config import ProcessorConfig, load_image_processor_config
 
 log = logging.getLogger(__name__)
@@ -32,21 +29,16 @@ def image_rows(processor: ProcessorConfig, data: bytes) -> int:
     """Rows the vision server will send for an image, from its header and the checkpoint's
     pixel budgets (the most the budgets allow when the header cannot be read: the vision
     server then refuses the image anyway)."""
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-        new_h, new_w = smart_resize(
-            height, width, processor.factor, processor.min_pixels, processor.max_pixels
-        )
-    except Exception:
-        return processor.max_pixels // processor.factor**2
-    return (new_h // processor.factor) * (new_w // processor.factor)
+    grid = resized_grid(data, processor)
+    if grid is None:
+        return max_rows_per_image(processor)
+    grid_h, grid_w = grid
+    return grid_h * grid_w // processor.merge_size**2
 
 
-def max_rows_per_image(checkpoint: Qwen3VLConfig) -> int:
+def max_rows_per_image(processor: ProcessorConfig) -> int:
     """Rows of the largest image the processor config's budget allows (a vision server
     started with a larger --max-pixels sends plans the receivers refuse)."""
-    processor = load_image_processor_config(checkpoint.path)
     return processor.max_pixels // processor.factor**2
 
 
@@ -66,32 +58,35 @@ def start_qwen3vl(
     settings = settings_for(config, view, max_model_len)  # type: ignore[operator]
     engine = Qwen3VLEngine.start(checkpoint, settings).engine
     builder = Qwen3VLPromptBuilder.from_checkpoint(checkpoint, view)
+    processor = load_image_processor_config(checkpoint.path)
     vision = (
-        _pool(config, checkpoint, metrics, tls, make_receiver)
+        _pool(config, checkpoint, processor, metrics, tls, make_receiver)
         if config.mode == "dvd"
-        else _coupled(config, checkpoint)
+        else _coupled(config, checkpoint, processor)
     )
     log.info(
         "Qwen3-VL: rows %d wide (%d DeepStack levels), up to %d rows per image",
         checkpoint.feature_width,
         checkpoint.vision.deepstack_levels,
-        max_rows_per_image(checkpoint),
+        max_rows_per_image(processor),
     )
     return checkpoint, engine, builder, vision, max_model_len
 
 
-def _coupled(config: LanguageServerConfig, checkpoint: Qwen3VLConfig) -> FeatureSource:
+def _coupled(
+    config: LanguageServerConfig, checkpoint: Qwen3VLConfig, processor: ProcessorConfig
+) -> FeatureSource:
     from language_server.qwen3vl_coupled import Qwen3VLCoupledVision
     from vision_server.qwen3vl.encoder import Qwen3VLEncoder
 
     encoder = Qwen3VLEncoder(checkpoint, config.vision_device, parse_dtype(config.dtype))
-    processor = load_image_processor_config(checkpoint.path)
     return Qwen3VLCoupledVision(encoder, processor, config.max_image_pixels)
 
 
 def _pool(
     config: LanguageServerConfig,
     checkpoint: Qwen3VLConfig,
+    processor: ProcessorConfig,
     metrics: LanguageMetrics,
     tls: Tls | None,
     make_receiver: object,
@@ -101,12 +96,12 @@ def _pool(
         parse_dtype(config.dtype),
         config.vision_timeout_s,
         make_receiver(config, tls),  # type: ignore[operator]
-        max_rows_per_image(checkpoint),
+        max_rows_per_image(processor),
         checkpoint.feature_width,
         routing=config.vision_routing,
         resolve_s=config.vision_resolve_s,
         dns_server=config.dns_server,
         metrics=metrics,
         tls=tls,
-        rows_of=functools.partial(image_rows, load_image_processor_config(checkpoint.path)),
+        rows_of=functools.partial(image_rows, processor),
     )

@@ -157,6 +157,58 @@ def test_a_busy_queue_refuses_a_call_by_patches(tiny: Path, encoder: Qwen3VLEnco
     asyncio.run(run())
 
 
+def test_a_call_whose_deadline_passes_while_queued_is_counted_as_expired(
+    tiny: Path, encoder: Qwen3VLEncoder
+) -> None:
+    """The shared run_call: a stopped Qwen3-VL call counts in dvd_vision_expired_total and
+    its queued image is dropped, as an InternVL call's tiles are."""
+
+    async def run() -> None:
+        service = _service(tiny, encoder)
+        await service.batcher.stop()  # nothing leaves the queue: the call waits there
+        registry = service.metrics.registry
+        try:
+            deadline = Deadline.after(0.2)
+            call = asyncio.create_task(
+                _collect(service.run_call(_request([_png(96, 64, 7)]), deadline))
+            )
+            while not service.batcher._pending or not deadline.expired():
+                await asyncio.sleep(0.01)
+            call.cancel()  # what the session does when the deadline passes
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert registry.get_sample_value("dvd_vision_expired_total") == 1
+            assert registry.get_sample_value("dvd_vision_tiles_dropped_total") == 1
+            assert (
+                registry.get_sample_value(
+                    "dvd_vision_requests_total", {"status": "deadline_exceeded"}
+                )
+                == 1
+            )
+            assert not service.batcher._pending
+            assert service.batcher.admitted_patches == 0
+        finally:
+            service.close()
+
+    asyncio.run(run())
+
+
+def test_one_header_reader_sizes_both_sides(tiny: Path) -> None:
+    """resized_grid is what the vision server counts patches by and the language server
+    rows by; each keeps its own fallback for an unreadable image."""
+    from language_server.qwen3vl_server import image_rows
+    from vision_server.qwen3vl.preprocess import resized_grid
+
+    processor = load_image_processor_config(tiny)
+    assert resized_grid(_png(96, 64, 1), processor) == (14, 20)  # 224 x 320 px
+    assert resized_grid(b"not an image", processor) is None
+    assert image_rows(processor, _png(96, 64, 1)) == 14 * 20 // processor.merge_size**2
+    encoder_free = Qwen3VLVisionService.__new__(Qwen3VLVisionService)
+    encoder_free.processor = processor
+    assert encoder_free._patches(_png(96, 64, 1)) == 280
+    assert encoder_free._patches(b"not an image") == 1
+
+
 def test_the_batcher_packs_items_by_patches(tiny: Path, encoder: Qwen3VLEncoder) -> None:
     processor = load_image_processor_config(tiny)
     small = preprocess_image(Image.new("RGB", (64, 64)), processor)  # 256 patches

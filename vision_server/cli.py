@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         None,
         "most tiles waiting for the ViT; a call that would queue more is refused with "
         "RESOURCE_EXHAUSTED (the language server tries another vision server), unless the "
-        "queue holds no other call's tiles; unset: 8 x --max-batch-tiles; 0: no bound",
+        "queue holds no other call's tiles; unset: 8 x --max-batch-tiles; 0: no bound "
+        "(Qwen3-VL honours only 0: its bound is in patches, see --max-batch-patches)",
         type=int,
     )
     add_flag(parser, COMMAND, "--max-images-per-request", 16, "images allowed in one Encode call")

@@ -83,7 +83,9 @@ class VisionServerConfig:
     @property
     def queued_patches_bound(self) -> int:
         """Qwen3-VL: most patches waiting for the ViT before calls are refused; 0: no bound
-        (--max-queued-tiles 0 turns it off; otherwise QUEUED_BATCHES forwards' patches)."""
+        (--max-queued-tiles 0 turns it off; otherwise QUEUED_BATCHES forwards' patches: a
+        positive --max-queued-tiles counts InternVL tiles and is not used, which the
+        Qwen3-VL server logs at start)."""
         if self.max_queued_tiles == 0:
             return 0
         return QUEUED_BATCHES * self.max_batch_patches

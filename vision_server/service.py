@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
 from dvd import vir_mode
-from dvd.deadline import Deadline
-from dvd.errors import DvdError, InvalidInput, Overloaded, Unavailable
-from dvd.features import torch_dtype
+from dvd.errors import InvalidInput, Overloaded, Unavailable
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.transport import Emission, FeatureSender
 from dvd.v1 import common_pb2, vision_pb2
@@ -24,7 +22,7 @@ from vision_server.config import VisionServerConfig
 from vision_server.encoder import TilingLimits, VisionEncoder
 from vision_server.encoder_cache import CachedImage, EncoderCache, image_key
 from vision_server.metrics import VisionMetrics
-from vision_server.service_base import VisionServiceBase
+from vision_server.service_base import CallState, VisionServiceBase
 from vision_server.tile_features import TileFeatures, fixed_compression, select_rows
 from vision_server.tiling import ImageLayout, TiledImage
 
@@ -32,16 +30,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EncodeProgress:
-    """What one Encode call has done so far; its timings end up in EncodeDone."""
+class EncodeProgress(CallState):
+    """What one Encode call has done so far (units: tiles); its timings end up in EncodeDone."""
 
-    started_ns: int
+    mode: VirMode = VirMode.QUARTER  # the call's resolution mode, set when it is opened
     preprocess_ns: int = 0
     queue_ns: int = 0
     encode_ns: int = 0
     transfer_ns: int = 0
-    tiles_expected: int = 0
-    tiles_done: int = 0
     tiles_compressed: int = 0
     rows_sent: int = 0
     layouts: list[ImageLayout] = field(default_factory=list)
@@ -62,7 +58,7 @@ class _Image:
     tiles: int  # what tiling will make of it (0 when cached), read from its header
 
 
-class VisionService(VisionServiceBase):
+class VisionService(VisionServiceBase[EncodeProgress]):
     def __init__(
         self,
         config: VisionServerConfig,
@@ -94,64 +90,23 @@ class VisionService(VisionServiceBase):
             self.config.max_image_pixels,
         )
 
-    def _mode(self, request: vision_pb2.EncodeRequest) -> VirMode:
-        """Checks the request and returns the resolution mode its tiles get."""
-        if not request.images:
-            raise InvalidInput("Encode needs at least one image")
-        if len(request.images) > self.config.max_images_per_request:
-            raise InvalidInput(
-                f"{len(request.images)} images in one request; the limit is "
-                f"{self.config.max_images_per_request}"
-            )
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    def _open_call(self, request: vision_pb2.EncodeRequest, state: CallState) -> EncodeProgress:
+        """The resolution mode the request's tiles get (after the shared checks)."""
         try:
-            wanted = torch_dtype(request.feature_dtype)
             mode = vir_mode.from_wire(request.vir_mode) or self.default_mode
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
-        if wanted != self.encoder.dtype:
-            raise InvalidInput(
-                f"features are produced in {self.encoder.dtype}, request asked for {wanted}"
-            )
         self.encoder.check_mode(mode)
-        return mode
+        return EncodeProgress(
+            started_ns=state.started_ns, cancellation=state.cancellation, mode=mode
+        )
 
-    async def run_call(
-        self, request: vision_pb2.EncodeRequest, deadline: Deadline
-    ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
-        """One Encode call, whether on its own RPC or on a session; DvdError when it fails.
-        The caller stops it when `deadline` passes; its tiles still queued are dropped."""
-        progress = EncodeProgress(started_ns=time.monotonic_ns())
-        cancellation = Cancellation()
-        emission: Emission | None = None
-        self.metrics.in_flight.inc()
-        status = "ok"
-        done = False
-        try:
-            mode = self._mode(request)
-            emission = self._emission(request)
-            async for message in self._encode(request, mode, progress, cancellation, emission):
-                done = message.HasField("done")
-                yield message
-        except DvdError as exc:
-            status = exc.code.name.lower()
-            log.info("encode %s rejected: %s", request.request_id, exc.message)
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # A caller that has its `done` may cancel before the stream's end: that is a
-            # finished call, not a stopped one.
-            if not done:
-                status = "deadline_exceeded" if deadline.expired() else "cancelled"
-            raise
-        finally:
-            cancellation.cancelled = True  # tiles still queued are skipped
-            dropped = self.batcher.withdraw(cancellation)
-            self.metrics.tiles_dropped.inc(dropped)
-            if status in ("deadline_exceeded", "cancelled"):
-                self._log_stopped(request.request_id, status, progress, dropped)
-            if emission is not None:
-                emission.close()
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(status).inc()
+    def _withdraw(self, call: Cancellation) -> int:
+        return self.batcher.withdraw(call)
 
     def _admit(self, call: Cancellation, tiles: int) -> None:
         """Reserves room for the call's `tiles`; Overloaded (RESOURCE_EXHAUSTED) when they
@@ -165,30 +120,11 @@ class VisionService(VisionServiceBase):
             f"{self.batcher.max_queued_tiles} (--max-queued-tiles)"
         )
 
-    def _log_stopped(
-        self, request_id: str, status: str, progress: EncodeProgress, dropped: int
-    ) -> None:
-        why = "its deadline passed" if status == "deadline_exceeded" else "the caller cancelled it"
-        if status == "deadline_exceeded":
-            self.metrics.expired.inc()
-        log.info(
-            "encode %s stopped: %s after %.1f ms, %d of %d tiles encoded, %d queued tiles dropped",
-            request_id,
-            why,
-            (time.monotonic_ns() - progress.started_ns) / 1e6,
-            progress.tiles_done,
-            progress.tiles_expected,
-            dropped,
-        )
-
     async def _encode(
-        self,
-        request: vision_pb2.EncodeRequest,
-        mode: VirMode,
-        progress: EncodeProgress,
-        cancellation: Cancellation,
-        emission: Emission,
+        self, request: vision_pb2.EncodeRequest, progress: EncodeProgress, emission: Emission
     ) -> AsyncIterator[vision_pb2.EncodeResponse]:
+        mode = progress.mode
+        cancellation = progress.cancellation
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[EncodedTiles | BaseException] = asyncio.Queue()
         max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
@@ -223,11 +159,11 @@ class VisionService(VisionServiceBase):
                 self.batcher.submit(run)
             progress.layouts.append(layout)
             progress.cache_keys.append(None if cached else image.key)
-            progress.tiles_expected += layout.num_tiles
+            progress.units_expected += layout.num_tiles
             if streaming:
                 tokens = self._fixed_tokens(mode, layout.num_tiles)
                 yield vision_pb2.EncodeResponse(plan=self._plan(index, layout, tokens))
-        while progress.tiles_done < progress.tiles_expected:
+        while progress.units_done < progress.units_expected:
             result = await sink.get()
             if isinstance(result, BaseException):
                 raise result
@@ -261,7 +197,7 @@ class VisionService(VisionServiceBase):
     def _account(self, progress: EncodeProgress, result: EncodedTiles) -> None:
         progress.queue_ns = max(progress.queue_ns, result.queue_ns)
         progress.encode_ns += result.encode_ns
-        progress.tiles_done += result.features.num_tiles
+        progress.units_done += result.features.num_tiles
         if result.batch_tiles:  # 0 for images served from the encoder cache
             self.metrics.batch_tiles.observe(result.batch_tiles)
 
@@ -334,12 +270,12 @@ class VisionService(VisionServiceBase):
             total_ns=time.monotonic_ns() - progress.started_ns,
         )
         self.metrics.images.inc(images)
-        self.metrics.tiles.inc(progress.tiles_done)
+        self.metrics.tiles.inc(progress.units_done)
         for stage in ("preprocess", "queue", "encode", "transfer", "total"):
             self.metrics.stage.labels(stage).observe(getattr(timings, f"{stage}_ns") / 1e9)
         return vision_pb2.EncodeDone(
             timings=timings,
-            num_tiles=progress.tiles_done,
+            num_tiles=progress.units_done,
             num_tokens=progress.rows_sent,
             tiles_compressed=progress.tiles_compressed,
             images_from_cache=sum(key is None for key in progress.cache_keys),

@@ -28,6 +28,7 @@ prompt writes as `<t seconds>` before each patch's tokens.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +79,21 @@ def smart_resize(
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def resized_grid(data: bytes, processor: ProcessorConfig) -> tuple[int, int] | None:
+    """The (grid_h, grid_w) in ViT patches an encoded image will have after smart_resize,
+    read from its header without decoding it; None when the header cannot be read or the
+    image is refused (each caller picks its own fallback)."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+        new_h, new_w = smart_resize(
+            height, width, processor.factor, processor.min_pixels, processor.max_pixels
+        )
+    except Exception:
+        return None
+    return new_h // processor.patch_size, new_w // processor.patch_size
 
 
 def smart_resize_video(

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dvd.checkpoint.qwen3vl_config import load_qwen3vl_config
 from dvd.features import parse_dtype
 from dvd.transport import FeatureSender
-from vision_server.config import VisionServerConfig
+from vision_server.config import QUEUED_BATCHES, VisionServerConfig
 from vision_server.metrics import VisionMetrics
 from vision_server.qwen3vl.encoder import Qwen3VLEncoder
 from vision_server.qwen3vl.item_batcher import ItemBatcher
@@ -43,6 +43,15 @@ def make_service(
         if config.queued_patches_bound
         else "no bound on queued patches",
     )
+    if config.max_queued_tiles:  # a count of InternVL tiles means nothing in patches
+        log.warning(
+            "Qwen3-VL: --max-queued-tiles %d does not apply (it counts InternVL tiles); the "
+            "queue bound is %d patches (%d x --max-batch-patches); only --max-queued-tiles 0 "
+            "(no bound) is honoured",
+            config.max_queued_tiles,
+            config.queued_patches_bound,
+            QUEUED_BATCHES,
+        )
     cache = ItemCache(config.encoder_cache_mib * 2**20)
     service = Qwen3VLVisionService(config, encoder, processor, batcher, metrics, senders, cache)
     return service, batcher.stop

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from PIL import Image
+import torch
 
-from dvd.deadline import Deadline
-from dvd.errors import DvdError, InvalidInput, Overloaded, Unavailable
-from dvd.features import torch_dtype
+from dvd.errors import InvalidInput, Overloaded, Unavailable
 from dvd.grpc_options import MAX_CHUNK_BYTES
 from dvd.transport import Emission, FeatureSender
 from dvd.v1 import common_pb2, vision_pb2
@@ -39,9 +36,9 @@ from vision_server.config import VisionServerConfig
 from vision_server.metrics import VisionMetrics
 from vision_server.qwen3vl.encoder import EncodedItem, Qwen3VLEncoder
 from vision_server.qwen3vl.item_batcher import EncodedResult, ItemBatcher
-from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image, smart_resize
+from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image, resized_grid
 from vision_server.qwen3vl.processor_config import ProcessorConfig
-from vision_server.service_base import VisionServiceBase
+from vision_server.service_base import CallState, VisionServiceBase
 from vision_server.tiling import decode_image
 
 log = logging.getLogger(__name__)
@@ -104,7 +101,9 @@ class _Image:
     patches: int  # what preprocessing will make of it (0 when cached), from its header
 
 
-class Qwen3VLVisionService(VisionServiceBase):
+class Qwen3VLVisionService(VisionServiceBase[CallState]):
+    unit = "images"
+
     def __init__(
         self,
         config: VisionServerConfig,
@@ -125,65 +124,24 @@ class Qwen3VLVisionService(VisionServiceBase):
         self._key_salt = key_salt(encoder, processor, resize)
         metrics.queued_tiles.set_function(lambda: batcher.admitted_patches)
 
-    def _check(self, request: vision_pb2.EncodeRequest) -> None:
-        if not request.images:
-            raise InvalidInput("Encode needs at least one image")
-        if len(request.images) > self.config.max_images_per_request:
-            raise InvalidInput(
-                f"{len(request.images)} images in one request; the limit is "
-                f"{self.config.max_images_per_request}"
-            )
-        try:
-            wanted = torch_dtype(request.feature_dtype)
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
-        if wanted != self.encoder.dtype:
-            raise InvalidInput(
-                f"features are produced in {self.encoder.dtype}, request asked for {wanted}"
-            )
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        return self.encoder.dtype
 
-    async def run_call(
-        self, request: vision_pb2.EncodeRequest, deadline: Deadline
-    ) -> AsyncGenerator[vision_pb2.EncodeResponse, None]:
-        started = time.monotonic_ns()
-        call = Cancellation()
-        emission: Emission | None = None
-        self.metrics.in_flight.inc()
-        status = "ok"
-        done = False
-        try:
-            self._check(request)
-            emission = self._emission(request)
-            async for message in self._encode(request, call, emission, started):
-                done = message.HasField("done")
-                yield message
-        except DvdError as exc:
-            status = exc.code.name.lower()
-            log.info("encode %s rejected: %s", request.request_id, exc.message)
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            if not done:
-                status = "deadline_exceeded" if deadline.expired() else "cancelled"
-            raise
-        finally:
-            call.cancelled = True
-            self.metrics.tiles_dropped.inc(self.batcher.withdraw(call))
-            if emission is not None:
-                emission.close()
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(status).inc()
+    def _open_call(self, request: vision_pb2.EncodeRequest, state: CallState) -> CallState:
+        return state  # nothing besides the shared checks
+
+    def _withdraw(self, call: Cancellation) -> int:
+        return self.batcher.withdraw(call)
 
     def _patches(self, data: bytes) -> int:
         """Patches preprocessing will make of the image, from its header (1 if unreadable:
         decoding reports that image later)."""
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-            p = self.processor
-            new_h, new_w = smart_resize(height, width, p.factor, p.min_pixels, p.max_pixels)
-        except Exception:
+        grid = resized_grid(data, self.processor)
+        if grid is None:
             return 1
-        return (new_h // self.processor.patch_size) * (new_w // self.processor.patch_size)
+        grid_h, grid_w = grid
+        return grid_h * grid_w
 
     def _look_up(self, data: bytes) -> _Image:
         key = content_key(data, self._key_salt)
@@ -195,15 +153,13 @@ class Qwen3VLVisionService(VisionServiceBase):
         return preprocess_image(image, self.processor, resize=self.resize)  # type: ignore[arg-type]
 
     async def _encode(
-        self,
-        request: vision_pb2.EncodeRequest,
-        call: Cancellation,
-        emission: Emission,
-        started: int,
+        self, request: vision_pb2.EncodeRequest, state: CallState, emission: Emission
     ) -> AsyncIterator[vision_pb2.EncodeResponse]:
+        call = state.cancellation
         loop = asyncio.get_running_loop()
         max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
         images = [self._look_up(image.data) for image in request.images]
+        state.units_expected = len(images)
         patches = sum(image.patches for image in images)
         if not self.batcher.admit(call, patches):
             self.metrics.queue_full.inc()
@@ -235,6 +191,7 @@ class Qwen3VLVisionService(VisionServiceBase):
                 self.metrics.batch_tiles.observe(result.batch_patches)
                 self.cache.put(image.key, encoded)
                 self.metrics.cache_bytes.set(self.cache.bytes)
+            state.units_done += 1
             yield vision_pb2.EncodeResponse(plan=self._plan(index, encoded, image.key))
             t0 = time.monotonic_ns()
             try:
@@ -253,7 +210,7 @@ class Qwen3VLVisionService(VisionServiceBase):
             queue_ns=queue_ns,
             encode_ns=encode_ns,
             transfer_ns=transfer_ns,
-            total_ns=time.monotonic_ns() - started,
+            total_ns=time.monotonic_ns() - state.started_ns,
         )
         self.metrics.images.inc(len(images))
         for stage in ("preprocess", "queue", "encode", "transfer", "total"):
