@@ -34,6 +34,14 @@ def tiny_checkpoint_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3vl_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One qwen3vl-tiny checkpoint for every test that only reads it."""
+    from dvd.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3vl") / "qwen3vl-tiny", "qwen3vl-tiny")
+
+
+@pytest.fixture(scope="session")
 def dvd_stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = start_stack(tiny_checkpoint, tmp_path_factory.mktemp("dvd-stack"))
     yield stack

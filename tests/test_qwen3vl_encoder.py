@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dvd.checkpoint import make_checkpoint
 from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
 from dvd.checkpoint.qwen3vl_verify import VISION_PREFIX
 from dvd.checkpoint.weights import CheckpointWeights
@@ -59,8 +58,8 @@ ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("qwen3vl") / "qwen3vl-tiny", "qwen3vl-tiny")
+def tiny(qwen3vl_tiny_checkpoint: Path) -> Path:
+    return qwen3vl_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dvd.checkpoint import make_checkpoint
 from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
 from language_server.engine import EngineSettings, Sampling
 from language_server.engine_args import build_engine_args, engine_kwargs
@@ -66,8 +65,8 @@ LOGPROB_ATOL = 1e-4  # fp32 on both sides; seen: 1e-5
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("qwen3vl") / "qwen3vl-tiny", "qwen3vl-tiny")
+def tiny(qwen3vl_tiny_checkpoint: Path) -> Path:
+    return qwen3vl_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dvd.checkpoint import make_checkpoint
 from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
 from tests.stack import Stack, chat_message, generate, start_stack
 from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image
@@ -55,8 +54,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("qwen3vl") / "qwen3vl-tiny", "qwen3vl-tiny")
+def tiny(qwen3vl_tiny_checkpoint: Path) -> Path:
+    return qwen3vl_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

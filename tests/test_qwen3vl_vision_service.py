@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dvd.checkpoint import make_checkpoint
 from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
 from dvd.deadline import Deadline
 from dvd.errors import InvalidInput, Overloaded
@@ -36,8 +35,8 @@ from vision_server.qwen3vl.service import ItemCache, Qwen3VLVisionService
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("qwen3vl") / "qwen3vl-tiny", "qwen3vl-tiny")
+def tiny(qwen3vl_tiny_checkpoint: Path) -> Path:
+    return qwen3vl_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,21 @@ from dataclasses import dataclass, replace
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Attention head sizes vLLM's CPU backend supports: every preset's LLM uses one."""
 
+
+def check_attention_shapes(
+    vit_hidden: int, vit_heads: int, llm_heads: int, llm_kv_heads: int, llm_head_dim: int
+) -> None:
+    """The head arithmetic every preset (InternVL's, Qwen3-VL's) must satisfy."""
+    if vit_hidden % vit_heads:
+        raise ValueError(f"vit_hidden {vit_hidden} is not a multiple of vit_heads")
+    if llm_heads % llm_kv_heads:
+        raise ValueError(f"llm_heads {llm_heads} is not a multiple of llm_kv_heads")
+    # vLLM's CPU attention backend supports only these head sizes; another size starts and
+    # then kills the engine on the first request.
+    if llm_head_dim not in VLLM_CPU_HEAD_SIZES:
+        raise ValueError(f"llm_head_dim {llm_head_dim} is not supported by vLLM on CPU")
+
+
 VIR_POOLING_HEADS = 16
 """InternVL3.5-Flash's router pools each tile with 16-head cross-attention (fixed in its code)."""
 
@@ -62,14 +77,9 @@ class Preset:
     downsample_ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.vit_hidden % self.vit_heads:
-            raise ValueError(f"vit_hidden {self.vit_hidden} is not a multiple of vit_heads")
-        if self.llm_heads % self.llm_kv_heads:
-            raise ValueError(f"llm_heads {self.llm_heads} is not a multiple of llm_kv_heads")
-        # vLLM's CPU attention backend supports only these head sizes; another size starts
-        # and then kills the engine on the first request.
-        if self.llm_head_dim not in VLLM_CPU_HEAD_SIZES:
-            raise ValueError(f"llm_head_dim {self.llm_head_dim} is not supported by vLLM on CPU")
+        check_attention_shapes(
+            self.vit_hidden, self.vit_heads, self.llm_heads, self.llm_kv_heads, self.llm_head_dim
+        )
         if self.flash_thresholds is not None and self.vit_hidden % VIR_POOLING_HEADS:
             raise ValueError(
                 f"vit_hidden {self.vit_hidden} is not a multiple of ViR's "

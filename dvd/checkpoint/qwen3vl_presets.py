@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dvd.checkpoint.presets import VLLM_CPU_HEAD_SIZES
+from dvd.checkpoint.presets import check_attention_shapes
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,9 @@ class Qwen3VLPreset:
     spatial_merge_size: int = 2
 
     def __post_init__(self) -> None:
-        if self.vit_hidden % self.vit_heads:
-            raise ValueError(f"vit_hidden {self.vit_hidden} is not a multiple of vit_heads")
-        if self.llm_heads % self.llm_kv_heads:
-            raise ValueError(f"llm_heads {self.llm_heads} is not a multiple of llm_kv_heads")
-        if self.llm_head_dim not in VLLM_CPU_HEAD_SIZES:
-            raise ValueError(f"llm_head_dim {self.llm_head_dim} is not supported by vLLM on CPU")
+        check_attention_shapes(
+            self.vit_hidden, self.vit_heads, self.llm_heads, self.llm_kv_heads, self.llm_head_dim
+        )
         if sum(self.mrope_section) * 2 != self.llm_head_dim:
             raise ValueError(f"mrope_section {self.mrope_section} does not sum to head_dim / 2")
         if any(not 0 <= i < self.vit_depth for i in self.deepstack_visual_indexes):
