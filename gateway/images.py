@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
-from gateway.media_guard import MediaFetcher, too_big
+from gateway.media_guard import MediaFetcher, MediaKind, image_kind, too_big
 
 DECODE_IN_THREAD_BYTES = 1024 * 1024
 """data: URLs longer than this are base64-decoded off the event loop."""
@@ -37,31 +37,35 @@ async def load_image(
     url: str, config: GatewayConfig, fetcher: MediaFetcher | None, param: str
 ) -> bytes:
     """The image bytes behind `url`, checked against the config's limits."""
+    data = await load_media(url, image_kind(config), fetcher, param)
+    check_image(data, config.max_image_pixels, param)
+    return data
+
+
+async def load_media(url: str, kind: MediaKind, fetcher: MediaFetcher | None, param: str) -> bytes:
+    """The bytes behind an image or video URL: a data: URL decoded here (large ones off the
+    event loop), an http(s) URL fetched under the media guard unless fetching is off."""
     scheme = url[: url.find(":") + 1].lower()
     if scheme == "data:":
         if len(url) > DECODE_IN_THREAD_BYTES:
-            data = await asyncio.to_thread(decode_data_url, url, config.max_image_bytes, param)
-        else:
-            data = decode_data_url(url, config.max_image_bytes, param)
-    elif scheme in ("http:", "https:"):
+            return await asyncio.to_thread(decode_data_url, url, kind.max_bytes, param, kind.name)
+        return decode_data_url(url, kind.max_bytes, param, kind.name)
+    if scheme in ("http:", "https:"):
         if fetcher is None:
             raise ApiError(
                 400,
-                f"{param}: image URLs are not fetched by this server; send the image inline "
-                "as a data:image/...;base64,... URL",
+                f"{param}: {kind.name} URLs are not fetched by this server; send the "
+                f"{kind.name} inline as a data:{kind.name}/...;base64,... URL",
                 param=param,
                 code="remote_images_disabled",
             )
-        data = await fetcher.fetch(url, param)
-    else:
-        raise ApiError(
-            400,
-            f"{param}: unsupported image URL scheme {scheme or url[:16]!r}; "
-            "use data:image/...;base64,... or http(s)",
-            param=param,
-        )
-    check_image(data, config.max_image_pixels, param)
-    return data
+        return await fetcher.fetch(url, param, kind)
+    raise ApiError(
+        400,
+        f"{param}: unsupported {kind.name} URL scheme {scheme or url[:16]!r}; "
+        f"use data:{kind.name}/...;base64,... or http(s)",
+        param=param,
+    )
 
 
 def decode_data_url(url: str, max_bytes: int, param: str, kind: str = "image") -> bytes:

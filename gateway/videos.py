@@ -17,7 +17,7 @@ from dvd.v1 import language_pb2
 from dvd.video import SampledVideo, VideoError, sample_video
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
-from gateway.images import DECODE_IN_THREAD_BYTES, decode_data_url
+from gateway.images import load_media
 from gateway.media_guard import MediaFetcher, video_kind
 from gateway.metrics import GatewayMetrics
 
@@ -74,28 +74,7 @@ class VideoLoader:
 
     async def fetch(self, url: str, param: str) -> bytes:
         """The video file's bytes, from a data: URL or (when allowed) an http(s) fetch."""
-        max_bytes = self.config.max_video_bytes
-        scheme = url[: url.find(":") + 1].lower()
-        if scheme == "data:":
-            if len(url) > DECODE_IN_THREAD_BYTES:
-                return await asyncio.to_thread(decode_data_url, url, max_bytes, param, "video")
-            return decode_data_url(url, max_bytes, param, "video")
-        if scheme in ("http:", "https:"):
-            if self.fetcher is None:
-                raise ApiError(
-                    400,
-                    f"{param}: video URLs are not fetched by this server; send the video "
-                    "inline as a data:video/...;base64,... URL",
-                    param=param,
-                    code="remote_images_disabled",
-                )
-            return await self.fetcher.fetch(url, param, video_kind(self.config))
-        raise ApiError(
-            400,
-            f"{param}: unsupported video URL scheme {scheme or url[:16]!r}; "
-            "use data:video/...;base64,... or http(s)",
-            param=param,
-        )
+        return await load_media(url, video_kind(self.config), self.fetcher, param)
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
