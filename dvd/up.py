@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dvd import placement
 from dvd.env import cache_dir, env_name
 from dvd.flags import add_flag, add_repeated_flag, add_tls_flags, tls_from_args
 from language_server.cli import ENGINE_FLAGS, add_engine_flags
@@ -150,15 +151,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         COMMAND,
         "--vision-cpus",
         "",
-        "CPU ids the vision server may run on, e.g. 0 or 0-3,8 (default: any); with several "
-        "replicas, split among them in equal consecutive shares",
+        "CPU ids the vision servers run on, e.g. 0 or 0-3,8, split among replicas in equal "
+        "consecutive shares; replaces the default placement (see --cpu-placement)",
     )
     add_flag(
         parser,
         COMMAND,
         "--language-cpus",
         "",
-        "CPU ids the language server (and its vLLM engine) may run on (default: any)",
+        "CPU ids the language server (and its vLLM engine) runs on; replaces the default "
+        "placement (see --cpu-placement)",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--cpu-placement",
+        "auto",
+        "auto: on a CPU host, split the CPUs this process may use between the vision servers "
+        "(half, consecutive) and the language server (the rest), and size each vision "
+        "server's thread pool to its share, so the two tiers do not fight over cores "
+        "(printed at start); off: every server on any CPU with its libraries' default "
+        "threads. Not applied with --coupled, on a GPU host, or when --vision-cpus / "
+        "--language-cpus are given",
+        choices=placement.MODES,
     )
     add_flag(
         parser,
@@ -386,12 +401,38 @@ def commands(
     return procs
 
 
-def child_env(name: str, args: argparse.Namespace) -> dict[str, str] | None:
-    """The gateway's environment carries `--api-key` (argv is logged and world-readable);
-    every other child inherits ours."""
-    if name != "gateway" or not args.api_key:
-        return None
-    return {**os.environ, env_name("gateway", "--api-key"): shlex.join(args.api_key)}
+def child_env(
+    name: str, args: argparse.Namespace, placed: placement.Placement
+) -> dict[str, str] | None:
+    """Ours, plus the thread counts of `name`'s placement; the gateway's also carries
+    `--api-key` (argv is logged and world-readable). None: ours unchanged."""
+    extra = placed.env(name)
+    if name == "gateway" and args.api_key:
+        extra[env_name("gateway", "--api-key")] = shlex.join(args.api_key)
+    return {**os.environ, **extra} if extra else None
+
+
+def place(args: argparse.Namespace) -> placement.Placement:
+    """Where each child runs (see dvd.placement); a GPU is looked for only when it matters."""
+    visions = [] if args.coupled else vision_names(args.vision_replicas)
+    vision_cpus = placement.parse_cpus(args.vision_cpus)
+    language_cpus = placement.parse_cpus(args.language_cpus)
+    explicit = bool(vision_cpus or language_cpus)
+    on_gpu = False
+    if not explicit and args.cpu_placement == "auto" and not args.coupled:
+        devices = vision_devices(args.vision_device, args.vision_replicas)
+        on_gpu = any(d.startswith("cuda") for d in devices) or (
+            "auto" in devices and gpu_count() > 0
+        )
+    return placement.plan(
+        visions,
+        placement.available_cpus(),
+        mode=args.cpu_placement,
+        vision_cpus=vision_cpus,
+        language_cpus=language_cpus,
+        coupled=args.coupled,
+        gpu_host=on_gpu,
+    )
 
 
 def check_language(argv: list[str]) -> None:
@@ -416,36 +457,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def parse_cpus(text: str) -> set[int]:
-    """ "0-3,8" -> {0, 1, 2, 3, 8}; empty means no pinning."""
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, _, high = part.partition("-")
-        try:
-            cpus.update(range(int(low), int(high or low) + 1))
-        except ValueError:
-            raise ValueError(f"CPU list {text!r}: {part!r} is not N or N-M") from None
-    return cpus
-
-
-def split_cpus(cpus: set[int], parts: int) -> list[set[int]]:
-    """Consecutive, nearly equal shares of `cpus`, one per replica; no CPUs: no pinning."""
-    if not cpus:
-        return [set() for _ in range(parts)]
-    ordered = sorted(cpus)
-    if len(ordered) < parts:
-        raise ValueError(f"vision_cpus: {len(ordered)} CPUs cannot be split among {parts}")
-    size, extra = divmod(len(ordered), parts)
-    shares, begin = [], 0
-    for i in range(parts):
-        end = begin + size + (1 if i < extra else 0)
-        shares.append(set(ordered[begin:end]))
-        begin = end
-    return shares
-
-
 def start(
-    name: str, argv: list[str], cpus: set[int] | None = None, env: dict[str, str] | None = None
+    name: str,
+    argv: list[str],
+    cpus: frozenset[int] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Child:
     """Starts a child that dies with us and, when `cpus` is given, runs only on them
     (its own children, e.g. vLLM's engine processes, inherit the affinity)."""
@@ -534,9 +550,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.vision_replicas < 1:
             raise ValueError(f"vision_replicas: must be at least 1, not {args.vision_replicas}")
-        vision_shares = split_cpus(parse_cpus(args.vision_cpus), args.vision_replicas)
-        pinning = dict(zip(vision_names(args.vision_replicas), vision_shares, strict=True))
-        pinning["language"] = parse_cpus(args.language_cpus)
+        placed = place(args)
+        log.info("CPU placement: %s", placed.how)
+        for line in placed.describe():
+            log.info("  %s", line)
         tls, tls_folder = stack_tls(args)
         procs = commands(args, model, tls)
         check_language(dict(procs)["language"])
@@ -545,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
                 port = int(argv[argv.index("--metrics-port") + 1])
                 log.info("%s metrics: %s", name, metrics_url(port))
         for name, argv in procs:
-            children.append(start(name, argv, pinning.get(name), child_env(name, args)))
+            children.append(start(name, argv, placed.cpus.get(name), child_env(name, args, placed)))
         code = supervise(children, f"http://{args.host}:{args.port}/ready", args.ready_timeout_s)
     except KeyboardInterrupt:
         log.info("stopping dvd-serve")

@@ -250,10 +250,10 @@ def test_pinning_and_launch_plans(tmp_path: Path) -> None:
     assert Pinning.split([3]) == Pinning("3", "3", "3")
     assert Pinning.split(list(range(8))) == Pinning("0-3", "4-7", "0-7")
     specs = {s.name: s for s in lineup("shm")}
-    assert list(specs) == ["vllm", "coupled", "dvd-grpc", "dvd-shm", "dvd-vir"]
+    assert list(specs) == ["vllm", "coupled", "dvd-grpc", "dvd-shm", "dvd-vir", "dvd-up"]
     assert specs["dvd-vir"].extra_body == {"vir_mode": "router"}
     assert specs["dvd-vir"].checkpoint == "vir"
-    assert [s.name for s in lineup(None)][-1] == "dvd-vir"
+    assert [s.name for s in lineup(None)][-2:] == ["dvd-vir", "dvd-up"]
     pinning, sizing = Pinning("0", "1", "0-1"), Sizing()
     coupled = dvd_argv(specs["coupled"], tmp_path, 8000, sizing, pinning)
     assert coupled[coupled.index("--language-cpus") + 1] == "0-1"
@@ -262,6 +262,9 @@ def test_pinning_and_launch_plans(tmp_path: Path) -> None:
     assert split[split.index("--vision-cpus") + 1] == "0"
     assert split[split.index("--transport") + 1] == "shm"
     assert split[split.index("--kv-cache-gib") + 1] == "1"
+    # dvd-up is measured as users start it: the benchmark's pinning never reaches it
+    defaults = dvd_argv(specs["dvd-up"], tmp_path, 8000, sizing, pinning)
+    assert not {"--vision-cpus", "--language-cpus", "--transport"} & set(defaults)
     vllm = server_argv("python", tmp_path / "m-hf", 9000, sizing)
     assert vllm[vllm.index("--kv-cache-memory-bytes") + 1] == str(2**30)
     assert "--enforce-eager" in vllm and vllm[vllm.index("--served-model-name") + 1] == "m-hf"
@@ -417,3 +420,42 @@ def test_compare_runs_vllm_and_coupled_on_the_tiny_preset(tmp_path: Path) -> Non
     assert coupled["greedy"]["matches_vllm"] == {"text": True, "image": True}
     assert coupled["ratio_to_vllm"]["request_throughput"] > 0
     assert (out / "report.md").exists() and (out / "ttft.png").exists()
+
+
+def _round_report(vllm_ttft: float, dvd_ttft: float, dvd_rate: float) -> dict[str, Any]:
+    def level(rate: float, ttft: float, base: tuple[float, float] | None) -> dict[str, Any]:
+        stats = {"mean": ttft, "p50": ttft, "p90": ttft * 2, "p99": ttft * 3}
+        ratios = None
+        if base is not None:
+            ratios = {"request_throughput": rate / base[0], "ttft_ms": {"p50": ttft / base[1]}}
+        return {
+            "request_throughput": rate,
+            "ttft_ms": stats,
+            "tpot_ms": {"mean": 50.0, "p50": 50.0, "p90": 60.0, "p99": 70.0},
+            "errors": 0,
+            "ratio_to_vllm": ratios,
+            "stages_ms": {"encode": {"mean": 300.0}},
+        }
+
+    return {
+        "traffic": {"concurrencies": [8]},
+        "baselines": ["vllm"],
+        "systems": {
+            "vllm": {"by_concurrency": {"8": level(1.0, vllm_ttft, (1.0, vllm_ttft))}},
+            "dvd-up": {"by_concurrency": {"8": level(dvd_rate, dvd_ttft, (1.0, vllm_ttft))}},
+        },
+    }
+
+
+def test_rounds_are_summarised_against_their_own_baseline() -> None:
+    from benchmarks.compare.rounds import render_summary, summarize
+
+    rounds = [_round_report(2000.0, 1000.0, 1.5), _round_report(4000.0, 3000.0, 1.3)]
+    summary = summarize(rounds)
+    first, second = summary["levels"]["8"]["dvd-up"]
+    assert (first["ttft_p50_ratio"], second["ttft_p50_ratio"]) == (0.5, 0.75)
+    assert summary["mean_ratios"]["8"]["dvd-up"]["ttft_p50_ratio"] == pytest.approx(0.625)
+    assert summary["mean_ratios"]["8"]["dvd-up"]["throughput_ratio"] == pytest.approx(1.4)
+    text = render_summary(summary, rounds[0], "dvd bench compare --rounds 2")
+    assert "| 2 | dvd-up | 1.300 | 3000 | 6000 | 9000 |" in text
+    assert "dvd-up req/s 1.40x, TTFT p50 0.62x" in text

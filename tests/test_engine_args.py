@@ -264,17 +264,13 @@ def test_dvd_up_forwards_engine_options_and_starts_a_vision_pool() -> None:
     assert list(one) == ["vision", "language", "gateway"] and "--device" not in one["vision"]
 
 
-def test_vision_devices_and_cpu_shares() -> None:
-    from dvd.up import split_cpus, vision_devices
+def test_vision_devices() -> None:
+    from dvd.up import vision_devices
 
     assert vision_devices("cuda:0,cuda:1", 2) == ["cuda:0", "cuda:1"]
     assert vision_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
     with pytest.raises(ValueError, match="3 devices listed for 2"):
         vision_devices("cuda:0,cuda:1,cuda:2", 2)
-    assert split_cpus({0, 1, 2, 3, 4}, 2) == [{0, 1, 2}, {3, 4}]
-    assert split_cpus(set(), 3) == [set(), set(), set()]
-    with pytest.raises(ValueError, match="cannot be split"):
-        split_cpus({0}, 2)
 
 
 def test_vision_device_is_validated() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -28,6 +29,23 @@ def children_by_role(pid: int) -> dict[str, psutil.Process]:
     return roles
 
 
+def assert_placed_by_default(roles: dict[str, psutil.Process], log: str) -> None:
+    """Each child runs where dvd.placement's default plan for this machine puts it, vLLM's
+    engine processes inherit the language server's CPUs, and the log says so."""
+    from dvd.placement import available_cpus, plan
+
+    placed = plan(["vision"], available_cpus())
+    assert f"CPU placement: {placed.how}" in log
+    for role, process in roles.items():
+        want = placed.cpus.get(role) or available_cpus()
+        assert set(process.cpu_affinity()) == want, role
+        for descendant in process.children(recursive=True):
+            assert set(descendant.cpu_affinity()) == want, (role, descendant.cmdline())
+        ours = os.environ.get("OMP_NUM_THREADS")
+        want_threads = placed.env(role).get("OMP_NUM_THREADS", ours)
+        assert process.environ().get("OMP_NUM_THREADS") == want_threads, role
+
+
 def test_default_model_then_ctrl_c_stops_all_three(tmp_path: Path) -> None:
     stack = start_stack(None, tmp_path)
     process, port = stack.process, stack.port
@@ -36,7 +54,9 @@ def test_default_model_then_ctrl_c_stops_all_three(tmp_path: Path) -> None:
         assert "RANDOM" in text
         assert (tmp_path / "cache" / "checkpoints").is_dir()
         descendants = psutil.Process(process.pid).children(recursive=True)
-        assert set(children_by_role(process.pid)) == {"vision", "language", "gateway"}
+        roles = children_by_role(process.pid)
+        assert set(roles) == {"vision", "language", "gateway"}
+        assert_placed_by_default(roles, text)
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
         _, alive = psutil.wait_procs(descendants, timeout=30)

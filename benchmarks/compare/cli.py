@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
+import json
 import os
 import platform
 import shlex
@@ -13,11 +15,18 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvd.flags import add_flag
 
+if TYPE_CHECKING:
+    from benchmarks.compare.config import CompareConfig
+
 COMMAND = "bench-compare"
+VIR_NOTE = (
+    "dvd-vir serves a different model (the -Flash preset) with vir_mode router: its ratios "
+    "compare systems, not the same weights"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,9 +46,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flag = functools.partial(add_flag, parser, COMMAND)
     flag("--out", None, "output folder; default benchmarks/out/compare-<timestamp>")
     flag("--quick", False, "a few minutes: concurrency 1 and 4, 8-16 requests per level")
-    flag("--systems", "all", "comma-separated subset of vllm,coupled,dvd-grpc,dvd-fast,dvd-vir")
+    flag(
+        "--systems",
+        "all",
+        "comma-separated subset of vllm,coupled,dvd-grpc,dvd-fast,dvd-vir,dvd-up, in the "
+        "order given (dvd-up: `dvd up` with its own defaults, never pinned)",
+    )
+    flag(
+        "--rounds",
+        1,
+        "run the systems this many times, alternating (vllm, dvd, vllm, dvd, ...), so a "
+        "drift of the machine shows up as a difference between rounds; one report per round "
+        "under round-N/ and a summary",
+    )
     flag("--concurrency", "", "comma-separated levels (default: 1,4 quick, else 1,2,4,8)")
     flag("--image-sizes", "448x448,896x896", "image sizes, cycled (WIDTHxHEIGHT,...)")
+    flag("--prompt-words", 32, "words of text per request, besides the images")
     flag("--output-tokens", 16, "tokens generated per request (ignore_eos)")
     flag("--preset", "small", "checkpoint preset for vllm, coupled and the dvd systems")
     flag("--vir-preset", "small-flash", "-Flash preset for dvd-vir")
@@ -99,6 +121,7 @@ def _traffic(args: argparse.Namespace) -> Any:
     changes: dict[str, Any] = {
         "image_sizes": parse_image_sizes(args.image_sizes),
         "output_tokens": args.output_tokens,
+        "prompt_tokens": args.prompt_words,
     }
     if args.concurrency:
         changes["concurrencies"] = tuple(int(c) for c in args.concurrency.split(",") if c)
@@ -114,13 +137,15 @@ def _specs(args: argparse.Namespace) -> list[Any]:
     specs = lineup(fast if fast != "grpc" else None)
     if args.systems == "all":
         return specs
-    wanted = {s.strip() for s in args.systems.split(",") if s.strip()}
-    wanted = {f"dvd-{fast}" if s == "dvd-fast" else s for s in wanted}
+    given = [s.strip() for s in args.systems.split(",") if s.strip()]
+    ordered = list(dict.fromkeys(f"dvd-{fast}" if s == "dvd-fast" else s for s in given))
+    wanted = set(ordered)
     unknown = wanted - {s.name for s in specs}
     if unknown:
         names = ", ".join(s.name for s in specs)
         raise SystemExit(f"dvd bench compare: unknown systems {sorted(unknown)}; have {names}")
-    return [s for s in specs if s.name in wanted]
+    by_name = {s.name: s for s in specs}
+    return [by_name[name] for name in ordered]
 
 
 def _checkpoints(args: argparse.Namespace, work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -172,11 +197,6 @@ def _print_table(report: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from benchmarks.compare.config import CompareConfig, Pinning, Sizing
-    from benchmarks.compare.markdown import render
-    from benchmarks.compare.plots import plot_all
-    from benchmarks.compare.report import build_report
-    from benchmarks.compare.runner import measure_system, write_report
-    from dvd.env import cache_dir
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"benchmarks/out/compare-{stamp}")
@@ -196,17 +216,58 @@ def run(args: argparse.Namespace) -> int:
         retries=args.retries,
     )
     specs = _specs(args)
+    if args.rounds < 1:
+        raise SystemExit(f"dvd bench compare: --rounds must be at least 1, not {args.rounds}")
     work = Path(tempfile.mkdtemp(prefix="dvd-bench-compare-"))
+    reports = []
     try:
         checkpoints, checkpoint_meta = _checkpoints(args, work)
-        runs = {}
-        for spec in specs:  # one system at a time: each is stopped before the next starts
-            runs[spec.name] = measure_system(spec, config, checkpoints, Path(cache_dir()) / "bench")
+        for index in range(args.rounds):
+            round_config = config
+            if args.rounds > 1:
+                round_config = dataclasses.replace(config, out=out / f"round-{index + 1}")
+                print(f"round {index + 1} of {args.rounds}", flush=True)
+            reports.append(_one_round(specs, round_config, checkpoints, checkpoint_meta, command))
     finally:
         if args.keep_checkpoints:
             print(f"checkpoints kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    if args.rounds > 1:
+        _write_summary(reports, out, command)
+    failed = sorted(
+        {
+            n
+            for report in reports
+            for n, s in report["systems"].items()
+            if not s["ok"] or s.get("errors")
+        }
+    )
+    print(f"report: {out}/report.md (and report.json, plots)", flush=True)
+    if failed:
+        print(f"not measured cleanly: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _one_round(
+    specs: list[Any],
+    config: CompareConfig,
+    checkpoints: dict[str, Path],
+    checkpoint_meta: dict[str, Any],
+    command: str,
+) -> dict[str, Any]:
+    """Every system once, each stopped before the next starts; the report under config.out."""
+    from benchmarks.compare.markdown import render
+    from benchmarks.compare.plots import plot_all
+    from benchmarks.compare.report import build_report
+    from benchmarks.compare.runner import measure_system, write_report
+    from dvd.env import cache_dir
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    runs = {
+        spec.name: measure_system(spec, config, checkpoints, Path(cache_dir()) / "bench")
+        for spec in specs
+    }
     meta = {
         "machine": machine(),
         "checkpoint": checkpoint_meta,
@@ -214,18 +275,19 @@ def run(args: argparse.Namespace) -> int:
         "sizing": config.sizing.to_json(),
         "pinning": config.pinning.to_json(),
         "command": command,
-        "notes": [
-            "dvd-vir serves a different model (the -Flash preset) with vir_mode router: its "
-            "ratios compare systems, not the same weights",
-        ],
+        "notes": [VIR_NOTE] if "dvd-vir" in runs else [],
     }
     report = build_report(runs, config.traffic.headline_concurrency, meta)
-    write_report(report, out)
-    (out / "report.md").write_text(render(report, command))
-    plot_all(runs, config.traffic.headline_concurrency, out)
+    write_report(report, config.out)
+    (config.out / "report.md").write_text(render(report, command))
+    plot_all(runs, config.traffic.headline_concurrency, config.out)
     _print_table(report)
-    print(f"report: {out}/report.json, {out}/report.md, plots in {out}")
-    failed = [n for n, s in report["systems"].items() if not s["ok"] or s.get("errors")]
-    if failed:
-        print(f"not measured cleanly: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    return report
+
+
+def _write_summary(reports: list[dict[str, Any]], out: Path, command: str) -> None:
+    from benchmarks.compare.rounds import render_summary, summarize
+
+    summary = summarize(reports)
+    (out / "report.json").write_text(json.dumps({"command": command, **summary}, indent=2) + "\n")
+    (out / "report.md").write_text(render_summary(summary, reports[0], command))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.serve.config import BenchConfig, ImageSize, format_image_size
+from dvd.placement import format_cpus as cpu_list
 
 
 @dataclass(frozen=True)
@@ -136,21 +137,6 @@ class Traffic:
 
 QUICK = Traffic()
 FULL = Traffic(concurrencies=(1, 2, 4, 8), min_requests=16, rounds=6, warmup_requests=3)
-
-
-def cpu_list(cpus: list[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2,5" (taskset / --vision-cpus syntax)."""
-    parts: list[str] = []
-    ordered = sorted(set(cpus))
-    start = prev = ordered[0] if ordered else 0
-    for cpu in [*ordered[1:], None]:
-        if cpu is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if cpu is not None:
-            start = prev = cpu
-    return ",".join(parts) if ordered else ""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
 | dvd-grpc | `dvd up --transport grpc`: vision and language servers, gRPC stream | small |
 | dvd-<fast> | `dvd up --transport <fast>`: the fastest one-host transport (shm, else tcp) | small |
 | dvd-vir | `dvd up --transport <fast>`, -Flash preset, vir_mode router per request | small-flash |
+| dvd-up | `dvd up` exactly as it comes: its own transport and CPU placement, never pinned | small |
 
 "small" in both layouts comes from one seed, so vllm, coupled and the dvd systems serve the
 same weights; dvd-vir serves another model (the -Flash preset adds the router and its
@@ -38,6 +39,8 @@ class SystemSpec:
     """"dvd" (the gateway's stage histograms) or "vllm" (vLLM's request histograms)."""
     dvd_flags: tuple[str, ...] = ()
     extra_body: dict[str, Any] = field(default_factory=dict, hash=False)
+    pinnable: bool = True
+    """False for dvd-up: what it measures is `dvd up`'s own placement, so --pin leaves it be."""
 
     @property
     def coupled(self) -> bool:
@@ -96,6 +99,15 @@ def lineup(fast: str | None) -> list[SystemSpec]:
             {"vir_mode": "router"},
         )
     )
+    specs.append(
+        SystemSpec(
+            "dvd-up",
+            "dvd up with its defaults (transport, CPU placement and thread counts its own)",
+            "original",
+            "dvd",
+            pinnable=False,
+        )
+    )
     return specs
 
 
@@ -115,7 +127,9 @@ def dvd_argv(
         "--log-level",
         "warning",
     ]
-    if pinning.enabled and spec.coupled:
+    if not spec.pinnable:
+        pass
+    elif pinning.enabled and spec.coupled:
         flags += ["--language-cpus", pinning.coupled]
     elif pinning.enabled:
         flags += ["--vision-cpus", pinning.vision, "--language-cpus", pinning.language]

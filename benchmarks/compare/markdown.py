@@ -49,7 +49,7 @@ def _figures_table(rows: list[tuple[str, dict[str, Any]]], base: str) -> list[st
     return [head, "|" + " --- |" * 16, *(_figure_row(n, f, base) for n, f in rows)]
 
 
-def _context(report: dict[str, Any]) -> list[str]:
+def context_lines(report: dict[str, Any]) -> list[str]:
     machine, traffic = report.get("machine") or {}, report.get("traffic") or {}
     checkpoint, sizing = report.get("checkpoint") or {}, report.get("sizing") or {}
     pinning = report.get("pinning") or {}
@@ -80,6 +80,11 @@ def _context(report: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("- **Pinning**: none.")
+    if "dvd-up" in report.get("systems", {}):
+        lines.append(
+            "- **dvd-up** gets no placement flags from the benchmark: `dvd up` splits the CPUs "
+            "between its servers and sets their thread counts itself (its log says how)."
+        )
     return lines
 
 
@@ -109,7 +114,7 @@ def render(report: dict[str, Any], command: str = "") -> str:
     lines = ["# dvd bench compare", ""]
     if command:
         lines += [f"`{command}`", ""]
-    lines += [*_context(report), ""]
+    lines += [*context_lines(report), ""]
     ran = [(n, s) for n, s in systems.items() if s.get("by_concurrency")]
     lines += [
         f"## Headline: concurrency {headline}",
