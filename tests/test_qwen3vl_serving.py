@@ -318,3 +318,5 @@ def test_openai_client_streams_a_video(stack: Stack, sampled: SampledVideo) -> N
     assert streamed == answer.choices[0].message.content
     usage = [c.usage for c in chunks if c.usage is not None]
     assert usage and usage[-1].prompt_tokens == answer.usage.prompt_tokens
+    # the video's region came from its first frame's header: no fallback to grpc
+    assert "travel over grpc" not in stack.log_path.read_text(errors="replace")
