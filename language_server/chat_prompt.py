@@ -23,7 +23,7 @@ from dvd.checkpoint import CheckpointWeights, InternVLConfig
 from dvd.errors import InvalidInput
 from dvd.v1 import language_pb2
 from language_server.image_features import EncodedImages
-from language_server.video_prompt import frame_prompt
+from language_server.video_prompt import VisualInput, frame_prompt, visual_inputs
 
 ROLES = ("system", "user", "assistant")
 
@@ -84,6 +84,12 @@ class ChatPromptBuilder(Protocol):
     accepts_video: bool
     """Whether video parts can be served (LanguageInfo.accepts_video)."""
 
+    def visual_inputs(
+        self, messages: list[language_pb2.ChatMessage], max_images: int
+    ) -> list[VisualInput]:
+        """What the vision side encodes, in prompt order (video_prompt.visual_inputs)."""
+        ...
+
     def render(self, messages: list[language_pb2.ChatMessage]) -> Any:
         """The templated chat with one slot per image; InvalidInput if it cannot be."""
         ...
@@ -120,6 +126,12 @@ class PromptBuilder:
         if not ids or ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {token} token")
         return int(ids[0])
+
+    def visual_inputs(
+        self, messages: list[language_pb2.ChatMessage], max_images: int
+    ) -> list[VisualInput]:
+        """Images, and each video's frames as images of one tile."""
+        return visual_inputs(messages, max_images)
 
     def render(self, messages: list[language_pb2.ChatMessage]) -> RenderedChat:
         """Applies the chat template; the result has one slot per image, in order."""

@@ -20,7 +20,7 @@ import grpc
 from dvd.deadline import Deadline
 from dvd.errors import DvdError, InvalidInput
 from dvd.vir_mode import VirMode
-from language_server.image_features import EncodedImages
+from language_server.image_features import EncodedImages, VisualItem
 from vision_server.encoder import TilingLimits, VisionEncoder
 from vision_server.tile_features import TileFeatures, select_rows
 
@@ -72,11 +72,14 @@ class CoupledVision:
     async def encode(
         self,
         request_id: str,
-        images: list[bytes],
+        images: Sequence[VisualItem],
         mode: VirMode | None = None,
         deadline: Deadline = Deadline(),
         max_tiles: Sequence[int] = (),
     ) -> EncodedImages:
+        files = [item for item in images if isinstance(item, bytes)]
+        if len(files) != len(images):  # InternVL's prompt sends a video's frames as images
+            raise InvalidInput("InternVL takes no video items, only a video's frames as images")
         mode = mode or self.default_mode
         self.encoder.check_mode(mode)
         queued = time.monotonic_ns()
@@ -89,7 +92,7 @@ class CoupledVision:
                     code=grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
             started = time.monotonic_ns()
-            result = self._encode_all(images, mode, max_tiles)
+            result = self._encode_all(files, mode, max_tiles)
             result.queue_ns = started - queued
             return result
 

@@ -11,6 +11,7 @@ from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
 from dvd.env import cache_dir
 from dvd.features import parse_dtype
 from dvd.tls import Tls
+from dvd.v1 import vision_pb2
 from language_server.config import LanguageServerConfig, context_length
 from language_server.engine import LlmEngine
 from language_server.image_features import FeatureSource
@@ -20,7 +21,12 @@ from language_server.qwen3vl_prompt import Qwen3VLPromptBuilder
 from language_server.qwen3vl_view import prepare_qwen3vl_view
 from language_server.vision_client import VisionPool
 from vision_server.qwen3vl.preprocess import resized_grid
-from vision_server.qwen3vl.processor_config import ProcessorConfig, load_image_processor_config
+from vision_server.qwen3vl.processor_config import (
+    ProcessorConfig,
+    VideoProcessorConfig,
+    load_processor_configs,
+)
+from vision_server.qwen3vl.video_item import clip_grid
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,28 @@ def image_rows(processor: ProcessorConfig, data: bytes) -> int:
         return max_rows_per_image(processor)
     grid_h, grid_w = grid
     return grid_h * grid_w // processor.merge_size**2
+
+
+def video_rows(video: VideoProcessorConfig, frames: list[bytes]) -> int:
+    """Rows the vision server will send for a video, from its first frame's header, its
+    frame count and the checkpoint's video budgets (the budget's most when the header
+    cannot be read: the vision server then refuses the video anyway)."""
+    grid = clip_grid(frames, video)
+    if grid is None:
+        return video.pixels.max_pixels // (
+            video.pixels.temporal_patch_size * video.pixels.factor**2
+        )
+    grid_t, grid_h, grid_w = grid
+    return grid_t * grid_h * grid_w // video.pixels.merge_size**2
+
+
+def item_rows(
+    processor: ProcessorConfig, video: VideoProcessorConfig, item: vision_pb2.ImageInput
+) -> int:
+    """Rows of an item of an EncodeRequest: a video's or an image's."""
+    if item.HasField("video"):
+        return video_rows(video, list(item.video.frames))
+    return image_rows(processor, item.data)
 
 
 def max_rows_per_image(processor: ProcessorConfig) -> int:
@@ -58,11 +86,11 @@ def start_qwen3vl(
     settings = settings_for(config, view, max_model_len)  # type: ignore[operator]
     engine = Qwen3VLEngine.start(checkpoint, settings).engine
     builder = Qwen3VLPromptBuilder.from_checkpoint(checkpoint, view)
-    processor = load_image_processor_config(checkpoint.path)
+    processor, video = load_processor_configs(checkpoint)
     vision = (
-        _pool(config, checkpoint, processor, metrics, tls, make_receiver)
+        _pool(config, checkpoint, processor, video, metrics, tls, make_receiver)
         if config.mode == "dvd"
-        else _coupled(config, checkpoint, processor)
+        else _coupled(config, checkpoint, processor, video)
     )
     log.info(
         "Qwen3-VL: rows %d wide (%d DeepStack levels), up to %d rows per image",
@@ -74,19 +102,23 @@ def start_qwen3vl(
 
 
 def _coupled(
-    config: LanguageServerConfig, checkpoint: Qwen3VLConfig, processor: ProcessorConfig
+    config: LanguageServerConfig,
+    checkpoint: Qwen3VLConfig,
+    processor: ProcessorConfig,
+    video: VideoProcessorConfig,
 ) -> FeatureSource:
     from language_server.qwen3vl_coupled import Qwen3VLCoupledVision
     from vision_server.qwen3vl.encoder import Qwen3VLEncoder
 
     encoder = Qwen3VLEncoder(checkpoint, config.vision_device, parse_dtype(config.dtype))
-    return Qwen3VLCoupledVision(encoder, processor, config.max_image_pixels)
+    return Qwen3VLCoupledVision(encoder, processor, video, config.max_image_pixels)
 
 
 def _pool(
     config: LanguageServerConfig,
     checkpoint: Qwen3VLConfig,
     processor: ProcessorConfig,
+    video: VideoProcessorConfig,
     metrics: LanguageMetrics,
     tls: Tls | None,
     make_receiver: object,
@@ -103,5 +135,5 @@ def _pool(
         dns_server=config.dns_server,
         metrics=metrics,
         tls=tls,
-        rows_of=functools.partial(image_rows, processor),
+        rows_of=functools.partial(item_rows, processor, video),
     )

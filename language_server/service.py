@@ -22,7 +22,7 @@ from language_server.chat_prompt import BuiltPrompt, ChatPromptBuilder
 from language_server.engine import LlmEngine, Sampling
 from language_server.image_features import EncodedImages, FeatureSource
 from language_server.metrics import STAGES, LanguageMetrics
-from language_server.video_prompt import encode_visual, visual_inputs
+from language_server.video_prompt import encode_visual
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,11 @@ class LanguageService(language_pb2_grpc.LanguageServiceServicer):
         self, request: language_pb2.GenerateRequest, deadline: Deadline
     ) -> AsyncGenerator[language_pb2.GenerateResponse, None]:
         started = time.monotonic_ns()
-        # Images and video frames (one tile each), in prompt order (video_prompt.py).
-        images = visual_inputs(request.messages, self.limits.max_images_per_request)
+        # Images and videos in prompt order, as the family encodes them (video_prompt.py:
+        # InternVL a video's frames as one-tile images, Qwen3-VL a video as one item).
+        images = self.builder.visual_inputs(
+            list(request.messages), self.limits.max_images_per_request
+        )
         try:
             mode = vir_mode.from_wire(request.vir_mode)
         except ValueError as exc:

@@ -13,6 +13,10 @@ before the question, one `<image>` per frame, each expanded like any image's to 
 per frame, and its frames go to the vision server as images whose `max_tiles` is 1, in
 prompt order with the request's other images.
 
+Qwen3-VL instead encodes a video as ONE item (its frames paired into temporal patches, its
+times written into the prompt): its builder passes `clip`, and the video travels as one
+`VideoClip` (language_server/qwen3vl_prompt.py).
+
 A request's images and frames may be more than one Encode call takes (the vision server's
 --max-images-per-request): `encode_visual` then splits them into calls run at once and
 joins their features in order.
@@ -21,14 +25,14 @@ joins their features in order.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dvd.deadline import Deadline
 from dvd.errors import InvalidInput
 from dvd.v1 import language_pb2
 from dvd.vir_mode import VirMode
-from language_server.image_features import EncodedImages, FeatureSource
+from language_server.image_features import EncodedImages, FeatureSource, VideoClip, VisualItem
 
 FRAME_TILES = 1
 """Tiles per video frame: InternVL's load_video uses max_num=1."""
@@ -39,12 +43,23 @@ MAX_FRAMES_PER_REQUEST = 512
 
 @dataclass(frozen=True)
 class VisualInput:
-    """One image for the vision server: a picture's or a video frame's encoded bytes."""
+    """One item for the vision server: a picture's or a video frame's encoded bytes, or a
+    whole video (`clip`, Qwen3-VL)."""
 
     data: bytes
     max_tiles: int = 0
     """0: the vision server's own bound (dynamic tiling); FRAME_TILES for video frames."""
     is_frame: bool = False
+    clip: VideoClip | None = None
+
+    @property
+    def item(self) -> VisualItem:
+        return self.clip if self.clip is not None else self.data
+
+    @property
+    def frames(self) -> int:
+        """Video frames this input carries."""
+        return len(self.clip.frames) if self.clip is not None else int(self.is_frame)
 
 
 def frame_prompt(num_frames: int, slot: str) -> str:
@@ -55,9 +70,13 @@ def frame_prompt(num_frames: int, slot: str) -> str:
 
 
 def visual_inputs(
-    messages: Sequence[language_pb2.ChatMessage], max_images: int
+    messages: Sequence[language_pb2.ChatMessage],
+    max_images: int,
+    clip: Callable[[language_pb2.VideoFrames], VideoClip] | None = None,
 ) -> list[VisualInput]:
-    """The request's images and video frames in prompt order, checked against the limits."""
+    """The request's images and videos in prompt order, checked against the limits: each
+    video's frames as images of one tile (InternVL), or, given `clip`, each video as one
+    item that `clip` makes (Qwen3-VL)."""
     inputs: list[VisualInput] = []
     for message in messages:
         for part in message.content:
@@ -66,11 +85,16 @@ def visual_inputs(
                 inputs.append(VisualInput(part.image))
             elif kind == "video":
                 check_video(part.video)
-                inputs += [VisualInput(f, FRAME_TILES, is_frame=True) for f in part.video.frames]
-    images = sum(not i.is_frame for i in inputs)
+                if clip is not None:
+                    inputs.append(VisualInput(b"", clip=clip(part.video)))
+                else:
+                    inputs += [
+                        VisualInput(f, FRAME_TILES, is_frame=True) for f in part.video.frames
+                    ]
+    images = sum(not i.is_frame and i.clip is None for i in inputs)
     if images > max_images:
         raise InvalidInput(f"{images} images in one request; the limit is {max_images}")
-    frames = len(inputs) - images
+    frames = sum(i.frames for i in inputs)
     if frames > MAX_FRAMES_PER_REQUEST:
         raise InvalidInput(
             f"{frames} video frames in one request; the limit is {MAX_FRAMES_PER_REQUEST}"
@@ -102,7 +126,7 @@ async def encode_visual(
         asyncio.ensure_future(
             source.encode(
                 request_id if len(calls) == 1 else f"{request_id}-v{n}",
-                [i.data for i in call],
+                [i.item for i in call],
                 mode,
                 deadline,
                 max_tiles=[i.max_tiles for i in call],
@@ -138,6 +162,9 @@ def join(parts: list[EncodedImages]) -> EncodedImages:
     return EncodedImages(
         features=[f for part in parts for f in part.features],
         tokens_per_tile=[t for part in parts for t in part.tokens_per_tile],
+        grids=[g for part in parts for g in part.grids],
+        content_keys=[k for part in parts for k in part.content_keys],
+        timestamps=[t for part in parts for t in part.timestamps],
         preprocess_ns=max(p.preprocess_ns for p in parts),
         queue_ns=max(p.queue_ns for p in parts),
         encode_ns=max(p.encode_ns for p in parts),

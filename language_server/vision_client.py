@@ -51,7 +51,7 @@ from dvd.transport import FeatureReceiver, Reception
 from dvd.transport.base import RequestShape
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from dvd.vir_mode import VirMode
-from language_server.image_features import EncodedImages
+from language_server.image_features import EncodedImages, VideoClip, VisualItem
 from language_server.metrics import LanguageMetrics
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,11 @@ class VisionPool:
         dns_server: str = "",
         metrics: LanguageMetrics | None = None,
         tls: Tls | None = None,
-        rows_of: Callable[[bytes], int] | None = None,
+        rows_of: Callable[[vision_pb2.ImageInput], int] | None = None,
     ) -> None:
-        """`rows_of`: an image's most rows, from its bytes (Qwen3-VL: from its header and
-        the pixel budgets), so each image's region is sized to it; None: every image gets
-        room for `max_rows_per_image`."""
+        """`rows_of`: an item's most rows (Qwen3-VL: an image's or a video's, from the
+        header(s) and the pixel budgets), so each item's region is sized to it; None: every
+        image gets room for `max_rows_per_image`."""
         if routing not in VISION_ROUTINGS:
             raise ValueError(f"vision_routing must be one of {VISION_ROUTINGS}, not {routing!r}")
         self.dtype = dtype
@@ -168,7 +168,7 @@ class VisionPool:
     async def encode(
         self,
         request_id: str,
-        images: list[bytes],
+        images: Sequence[VisualItem],
         mode: VirMode | None = None,
         deadline: Deadline = Deadline(),
         max_tiles: Sequence[int] = (),
@@ -177,15 +177,13 @@ class VisionPool:
         bounds = list(max_tiles) or [0] * len(images)
         request = vision_pb2.EncodeRequest(
             request_id=request_id,
-            images=[
-                vision_pb2.ImageInput(data=d, max_tiles=t)
-                for d, t in zip(images, bounds, strict=True)
-            ],
+            images=[_wire_item(item, t) for item, t in zip(images, bounds, strict=True)],
             feature_dtype=wire_dtype(self.dtype),
             vir_mode=vir_mode.to_wire(mode),
         )
-        # The first image anchors a conversation: later turns resend it (and add more).
-        key = hashlib.blake2b(images[0] if images else b"", digest_size=16).digest()
+        # The first image (a video's first frame) anchors a conversation: later turns
+        # resend it (and add more).
+        key = hashlib.blake2b(_anchor(images[0]) if images else b"", digest_size=16).digest()
         tried: list[VisionServer] = []
         refusals: list[str] = []
         unavailable = 0
@@ -247,8 +245,9 @@ class VisionPool:
         when the family sizes images by pixels (`rows_of`, Qwen3-VL), else its tiles' (and
         the thumbnail that comes with more than one) when it names a tile limit."""
         if self.rows_of is not None:
-            rows_bytes = self.rows_of(image.data) * self.hidden * self.dtype.itemsize
-            return min(self.image_capacity, rows_bytes)
+            rows_bytes = self.rows_of(image) * self.hidden * self.dtype.itemsize
+            # a video's budget is its own (all frames together), not the largest image's
+            return rows_bytes if image.HasField("video") else min(self.image_capacity, rows_bytes)
         if image.max_tiles <= 0 or not self.tile_capacity:
             return self.image_capacity
         tiles = image.max_tiles + (1 if image.max_tiles > 1 else 0)
@@ -371,6 +370,7 @@ class VisionPool:
                     tokens_per_tile=[list(plans[i].tokens_per_tile) for i in sorted(plans)],
                     grids=[tuple(plans[i].grid_thw) for i in sorted(plans)],
                     content_keys=[plans[i].content_key for i in sorted(plans)],
+                    timestamps=[tuple(plans[i].timestamps) for i in sorted(plans)],
                     preprocess_ns=timings.preprocess_ns,
                     queue_ns=timings.queue_ns,
                     encode_ns=timings.encode_ns,
@@ -406,6 +406,19 @@ class VisionPool:
     async def close(self) -> None:
         await self.members.stop()
         self.receiver.close()
+
+
+def _wire_item(item: VisualItem, max_tiles: int) -> vision_pb2.ImageInput:
+    if isinstance(item, VideoClip):
+        video = vision_pb2.VideoInput(frames=item.frames, timestamps_s=item.timestamps_s)
+        return vision_pb2.ImageInput(video=video)
+    return vision_pb2.ImageInput(data=item, max_tiles=max_tiles)
+
+
+def _anchor(item: VisualItem) -> bytes:
+    if isinstance(item, VideoClip):
+        return item.frames[0] if item.frames else b""
+    return item
 
 
 async def _serving(server: VisionServer) -> bool:

@@ -1,4 +1,5 @@
-"""Qwen3-VL served end to end (issue 13): `dvd up --model QWEN3VL_DIR` answers image chats.
+"""Qwen3-VL served end to end (issue 13): `dvd up --model QWEN3VL_DIR` answers image and
+video chats.
 
 One `dvd up` at a time (fp32, qwen3vl-tiny): DvD over the grpc transport, DvD over shm, and
 `dvd up --coupled` (the tower inside the language server), each started once for the tests
@@ -8,7 +9,15 @@ transformers' `Qwen3VLForConditionalGeneration.generate` in fp32, fed pixel valu
 same preprocessing of the same PNG bytes and the chat template's ids with each image pad
 expanded to the tokens its grid implies, so DvD == coupled as well; the prompt length and
 image tokens reported in usage are what the grids imply. The gateway is checked with the
-official openai client, streaming and not. (tcp was checked the same way by hand: a fourth
+official openai client, streaming and not.
+
+Video: a 2.5 s clip made with PyAV, sampled as the gateway does (5 frames at 2 fps, an odd
+count: the last temporal patch repeats the last frame), sent as one item; the reference is
+transformers fed pixel values from the same preprocessing of the same frames and the chat
+template's text with its `<|vision_start|><|video_pad|><|vision_end|>` replaced as the
+releases' processor (transformers 4.57's Qwen3VLProcessor) replaced it: per temporal patch
+`<t seconds>` (transformers' _calculate_timestamps of the frame indices and the video's
+fps) and the patch's markers and pads. (tcp was checked the same way by hand: a fourth
 stack costs about 35 s.)
 """
 
@@ -27,9 +36,15 @@ import torch
 from PIL import Image
 
 from dvd.checkpoint.qwen3vl_config import Qwen3VLConfig, load_qwen3vl_config
+from dvd.v1 import language_pb2
+from dvd.video import SampledVideo, VideoLimits, sample_video
 from tests.stack import Stack, chat_message, generate, start_stack
-from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image
-from vision_server.qwen3vl.processor_config import load_image_processor_config
+from tests.videos import make_video
+from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image, preprocess_video
+from vision_server.qwen3vl.processor_config import (
+    load_image_processor_config,
+    load_video_processor_config,
+)
 from vision_server.tiling import decode_image
 
 pytestmark = pytest.mark.integration
@@ -184,3 +199,124 @@ def test_openai_client_streaming_and_not(stack: Stack) -> None:
     assert streamed == answer.choices[0].message.content
     usage = [c.usage for c in chunks if c.usage is not None]
     assert usage and usage[-1].prompt_tokens == 235
+
+
+VIDEO = make_video("mp4", frames=10, rate=4, width=128, height=96, top=(200, 40, 90))
+"""2.5 s at 4 fps: the gateway's sampler (2 fps) takes 5 frames."""
+VIDEO_TEXT = "What happens in this video?"
+
+
+@pytest.fixture(scope="module")
+def sampled() -> SampledVideo:
+    video = sample_video(VIDEO, VideoLimits())  # the gateway's defaults
+    assert len(video.frames) == 5 and video.source_fps == 4
+    return video
+
+
+def _video_reference(
+    reference: Any, tokenizer: Any, config: Qwen3VLConfig, tiny: Path, video: SampledVideo
+) -> tuple[list[int], int, int]:
+    """transformers' greedy tokens, the prompt's length and the video's tokens in it."""
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    content = [{"type": "video"}, {"type": "text", "text": VIDEO_TEXT}]
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    video_config = load_video_processor_config(tiny)
+    frames = [np.asarray(decode_image(frame, 10**8)) for frame in video.frames]
+    times = [index / video.source_fps for index in video.frame_indices]
+    item = preprocess_video(frames, times, video_config)
+    # transformers' own rule for the times written into the prompt (self is unused)
+    seconds = Qwen3VLProcessor._calculate_timestamps(
+        None, list(video.frame_indices), video.source_fps, 2
+    )
+    assert seconds == pytest.approx(item.timestamps)
+    per_patch = config.tokens_of_grid(1, *item.grid_thw[1:])
+    expansion = "".join(
+        f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_patch + "<|vision_end|>"
+        for t in seconds
+    )
+    triple = "<|vision_start|><|video_pad|><|vision_end|>"
+    assert templated.count(triple) == 1
+    full = tokenizer.encode(templated.replace(triple, expansion), add_special_tokens=False)
+    template = tokenizer.encode(templated, add_special_tokens=False)
+    inputs = {
+        "input_ids": torch.tensor([full]),
+        "mm_token_type_ids": torch.tensor([[2 * int(t == config.video_token_id) for t in full]]),
+        "pixel_values_videos": item.pixel_values,
+        "video_grid_thw": torch.tensor([item.grid_thw]),
+    }
+    with torch.no_grad():
+        out = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    # the video's tokens: its expansion in place of the template's three
+    return out[0, len(full) :].tolist(), len(full), len(full) - len(template) + 3
+
+
+def _video_message(video: SampledVideo) -> language_pb2.ChatMessage:
+    frames = language_pb2.VideoFrames(
+        frames=video.frames,
+        timestamps_s=video.timestamps_s,
+        frame_indices=video.frame_indices,
+        source_fps=video.source_fps,
+        source_frames=video.source_frames,
+        duration_s=video.duration_s,
+    )
+    parts = [language_pb2.ContentPart(video=frames), language_pb2.ContentPart(text=VIDEO_TEXT)]
+    return language_pb2.ChatMessage(role="user", content=parts)
+
+
+def test_served_video_tokens_equal_transformers(
+    stack: Stack,
+    sampled: SampledVideo,
+    reference: Any,
+    tokenizer: Any,
+    config: Qwen3VLConfig,
+    tiny: Path,
+) -> None:
+    expected, prompt_tokens, video_tokens = _video_reference(
+        reference, tokenizer, config, tiny, sampled
+    )
+    got, usage = generate(stack.language_port, [_video_message(sampled)], NEW_TOKENS)
+    assert got == expected
+    assert usage.prompt_tokens == prompt_tokens  # type: ignore[attr-defined]
+    # 3 temporal patches (5 frames, the last doubled) of 6 x 8 patches: 12 rows each
+    assert video_tokens > 3 * (12 + 2)  # rows, markers and the `<t seconds>` text
+    assert usage.video_tokens == usage.image_tokens == video_tokens  # type: ignore[attr-defined]
+
+
+def test_openai_client_streams_a_video(stack: Stack, sampled: SampledVideo) -> None:
+    """Through the gateway (which decodes and samples the video_url): no 400, and the
+    streamed answer and usage equal the non-streamed ones."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    url = "data:video/mp4;base64," + base64.b64encode(VIDEO).decode()
+    content = [
+        {"type": "video_url", "video_url": {"url": url}},
+        {"type": "text", "text": VIDEO_TEXT},
+    ]
+    messages: Any = [{"role": "user", "content": content}]
+    answer = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=NEW_TOKENS, temperature=0
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == NEW_TOKENS
+    _, direct = generate(stack.language_port, [_video_message(sampled)], NEW_TOKENS)
+    assert answer.usage.prompt_tokens == direct.prompt_tokens  # type: ignore[attr-defined]
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == answer.choices[0].message.content
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert usage and usage[-1].prompt_tokens == answer.usage.prompt_tokens
+    # the video's region came from its first frame's header: no fallback to grpc
+    assert "travel over grpc" not in stack.log_path.read_text(errors="replace")

@@ -1,7 +1,7 @@
 """The Qwen3-VL vision service in process (no gRPC, no vLLM): what its plans say, that its
 rows are the encoder's, the content-keyed cache, the patch-counted queue bound, the
-batcher's packing, and the language side's prompt assembly from the template. About 10 s
-on qwen3vl-tiny."""
+batcher's packing, a video encoded as one item (plan, times, rows, key), and the language
+side's prompt assembly from the template (images and videos). About 15 s on qwen3vl-tiny."""
 
 from __future__ import annotations
 
@@ -22,15 +22,18 @@ from dvd.errors import InvalidInput, Overloaded
 from dvd.features import FeatureAssembler, wire_dtype
 from dvd.transport import grpc_stream
 from dvd.v1 import language_pb2, vision_pb2
-from language_server.image_features import EncodedImages
+from language_server.image_features import EncodedImages, VideoClip
 from language_server.qwen3vl_prompt import Qwen3VLPromptBuilder
 from vision_server.batcher import Cancellation
 from vision_server.config import VisionServerConfig
 from vision_server.metrics import VisionMetrics
 from vision_server.qwen3vl.encoder import Qwen3VLEncoder
 from vision_server.qwen3vl.item_batcher import ItemBatcher
-from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image
-from vision_server.qwen3vl.processor_config import load_image_processor_config
+from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image, preprocess_video
+from vision_server.qwen3vl.processor_config import (
+    load_image_processor_config,
+    load_video_processor_config,
+)
 from vision_server.qwen3vl.service import ItemCache, Qwen3VLVisionService
 
 
@@ -65,8 +68,9 @@ def _service(
     batcher.start()
     senders = {"grpc": grpc_stream.Sender()}
     cache = ItemCache(64 * 2**20)
+    video = load_video_processor_config(tiny)
     return Qwen3VLVisionService(
-        config, encoder, processor, batcher, VisionMetrics(), senders, cache
+        config, encoder, processor, batcher, VisionMetrics(), senders, cache, video=video
     )
 
 
@@ -280,18 +284,166 @@ def test_the_language_side_sizes_each_region_from_the_header(tiny: Path) -> None
     assert image_rows(processor, b"not an image") == processor.max_pixels // 32**2
 
 
-def test_a_video_part_is_refused_not_dropped(tiny: Path, config: Qwen3VLConfig) -> None:
-    """Qwen3-VL video is not served yet: the gateway is told so (accepts_video false), and a
-    video part sent to the language server directly is an InvalidInput, not ignored text."""
-    from dvd.errors import InvalidInput
+def _frames(count: int, width: int = 128, height: int = 96) -> list[bytes]:
+    return [_png(width, height, 20 + i) for i in range(count)]
 
+
+def _video_request(frames: list[bytes], times: list[float]) -> vision_pb2.EncodeRequest:
+    video = vision_pb2.VideoInput(frames=frames, timestamps_s=times)
+    return vision_pb2.EncodeRequest(
+        request_id="v",
+        images=[vision_pb2.ImageInput(data=_png(96, 64, 1)), vision_pb2.ImageInput(video=video)],
+        feature_dtype=wire_dtype(torch.float32),
+    )
+
+
+@pytest.mark.parametrize("count", [4, 5, 1])
+def test_a_video_is_one_item_with_its_times(
+    count: int, tiny: Path, config: Qwen3VLConfig, encoder: Qwen3VLEncoder
+) -> None:
+    """A video (after an image) is ONE item: its frames paired into temporal patches (an odd
+    count padded with the last frame, one frame doubled), a time per patch (the mean of its
+    two frames'), rows equal to the encoder's over preprocess_video of the same frames, and
+    a content key over frames and times."""
+    frames = _frames(count)
+    times = [0.4 + 0.1 * i for i in range(count)]  # the first patch at 0.45 s: "0.5"
+    video_config = load_video_processor_config(tiny)
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        service = _service(tiny, encoder)
+        try:
+            first = await _collect(service.run_call(_video_request(frames, times), Deadline()))
+            shifted = [t + 1 for t in times]  # other times: another item
+            other = await _collect(service.run_call(_video_request(frames, shifted), Deadline()))
+        finally:
+            await service.batcher.stop()
+            service.close()
+        return first, other
+
+    first, other = asyncio.run(run())
+    image_plan, plan = [m.plan for m in first if m.HasField("plan")]
+    assert image_plan.modality == vision_pb2.MODALITY_IMAGE and not image_plan.timestamps
+    assert plan.modality == vision_pb2.MODALITY_VIDEO and plan.image_index == 1
+    pixels = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in frames]
+    if count == 1:
+        pixels, times = pixels * 2, times * 2
+    expected = preprocess_video(pixels, times, video_config)
+    t = (count + 1) // 2
+    assert list(plan.grid_thw) == list(expected.grid_thw) and plan.grid_thw[0] == t
+    # exact: the prompt prints each time to one decimal, as transformers does from doubles
+    assert tuple(plan.timestamps) == expected.timestamps and len(plan.timestamps) == t
+    if count == 5:  # the last patch is frame 4 twice
+        assert list(plan.timestamps) == pytest.approx([0.45, 0.65, 0.8])
+    assert plan.tokens_per_tile[0] == config.tokens_of_grid(*expected.grid_thw)
+    [encoded] = encoder.encode([expected])
+    torch.testing.assert_close(_rows(first)[1], encoded.features, rtol=0, atol=0)
+    other_plan = [m.plan for m in other if m.HasField("plan")][1]
+    assert other_plan.content_key != plan.content_key
+    assert other[-1].done.images_from_cache == 1  # the image; the video is another item
+
+
+def test_video_requests_are_refused_clearly(tiny: Path, encoder: Qwen3VLEncoder) -> None:
+    async def run() -> None:
+        service = _service(tiny, encoder)
+        try:
+            with pytest.raises(InvalidInput, match="2 frames but 1 timestamps"):
+                await _collect(service.run_call(_video_request(_frames(2), [0.0]), Deadline()))
+            mixed = _frames(1) + _frames(1, width=64)
+            with pytest.raises(InvalidInput, match="share one size"):
+                await _collect(service.run_call(_video_request(mixed, [0.0, 1.0]), Deadline()))
+        finally:
+            await service.batcher.stop()
+            service.close()
+
+    asyncio.run(run())
+
+
+def test_the_language_side_sizes_a_video_region_from_the_first_frame(tiny: Path) -> None:
+    from language_server.qwen3vl_server import item_rows
+
+    processor = load_image_processor_config(tiny)
+    video_config = load_video_processor_config(tiny)
+    frames = _frames(5)
+    pixels = [np.asarray(Image.open(io.BytesIO(f))) for f in frames]
+    expected = preprocess_video(pixels, [0.0] * 5, video_config)
+    item = vision_pb2.ImageInput(video=vision_pb2.VideoInput(frames=frames))
+    rows = item_rows(processor, video_config, item)
+    assert rows == expected.num_patches // 4 and expected.grid_thw[0] == 3
+
+
+def _video_part(frames: list[bytes], indices: list[int], fps: float) -> language_pb2.ContentPart:
+    return language_pb2.ContentPart(
+        video=language_pb2.VideoFrames(
+            frames=frames,
+            timestamps_s=[i / fps for i in indices],
+            frame_indices=indices,
+            source_fps=fps,
+        )
+    )
+
+
+def test_prompt_has_a_bare_pad_per_video_and_counts_what_vllm_writes(
+    tiny: Path, config: Qwen3VLConfig
+) -> None:
+    """A video part: the template's <|vision_start|><|video_pad|><|vision_end|> becomes the
+    bare pad vLLM expands; the expanded prompt (usage) has, per temporal patch, the
+    `<t seconds>` text, the markers and the rows; the item goes to the vision side whole,
+    with frame index / fps as each frame's time."""
     builder = Qwen3VLPromptBuilder.from_checkpoint(config, tiny)
-    assert builder.accepts_video is False
-    video = language_pb2.ContentPart(
-        video=language_pb2.VideoFrames(frames=[b"png"], timestamps_s=[0.0], frame_indices=[0])
-    )
+    assert builder.accepts_video is True
+    video = _video_part([b"f0", b"f1", b"f2", b"f3"], [0, 10, 20, 30], 20.0)
     message = language_pb2.ChatMessage(
-        role="user", content=[video, language_pb2.ContentPart(text="What happens?")]
+        role="user",
+        content=[
+            language_pb2.ContentPart(image=b"a"),
+            video,
+            language_pb2.ContentPart(text="What happens?"),
+        ],
     )
-    with pytest.raises(InvalidInput, match="video input is not served for Qwen3-VL"):
-        builder.render([message])
+    [image, clip] = builder.visual_inputs([message], max_images=1)
+    assert image.item == b"a"
+    assert clip.item == VideoClip((b"f0", b"f1", b"f2", b"f3"), (0.0, 0.5, 1.0, 1.5))
+    rendered = builder.render([message])
+    assert rendered.modalities == ("image", "video")
+    ids = rendered.ids
+    at = ids.index(config.video_token_id)
+    assert ids[at - 1] != config.vision_start_token_id  # bare
+    assert ids[at + 1] != config.vision_end_token_id
+    assert ids.count(config.vision_start_token_id) == 1  # the image's
+    width = config.feature_width
+    encoded = EncodedImages(
+        features=[torch.zeros(70, width), torch.zeros(2 * 12, width)],
+        grids=[(1, 14, 20), (2, 6, 8)],
+        content_keys=["k1", "kv"],
+        timestamps=[(), (0.25, 1.25)],
+    )
+    prompt = builder.assemble_images(rendered, encoded)
+    stamps = [
+        builder.tokenizer.encode(f"<{t} seconds>", add_special_tokens=False) for t in ("0.2", "1.2")
+    ]
+    # (0.25 prints as 0.2: Python's round-half-even, as vLLM's f"{t:.1f}")
+    video_tokens = sum(len(s) for s in stamps) + 2 * (12 + 2)
+    assert prompt.video_tokens == video_tokens
+    assert prompt.image_tokens == 70 + 2 + video_tokens
+    assert len(prompt.token_ids) == len(ids) - 2 + 70 + video_tokens
+    expanded = prompt.token_ids
+    start = expanded.index(stamps[0][0], expanded.index(config.vision_end_token_id))
+    patch = stamps[0] + [config.vision_start_token_id] + [config.video_token_id] * 12
+    assert expanded[start : start + len(patch)] == patch
+    request = prompt.engine_input()
+    assert request["prompt_token_ids"] == ids
+    assert request["multi_modal_uuids"] == {"image": ["k1"], "video": ["kv"]}
+    assert request["multi_modal_data"]["video"]["timestamps"] == [[0.25, 1.25]]
+    assert request["multi_modal_data"]["video"]["video_embeds"].shape == (24, width)
+    with pytest.raises(InvalidInput, match="only allowed in user messages"):
+        builder.render([language_pb2.ChatMessage(role="assistant", content=[video])])
+    with pytest.raises(InvalidInput, match="reserved vision token"):
+        builder.render([_message("<|video_pad|>")])
+
+
+def test_a_video_without_times_is_refused(tiny: Path, config: Qwen3VLConfig) -> None:
+    builder = Qwen3VLPromptBuilder.from_checkpoint(config, tiny)
+    untimed = language_pb2.ContentPart(video=language_pb2.VideoFrames(frames=[b"f0", b"f1"]))
+    message = language_pb2.ChatMessage(role="user", content=[untimed])
+    with pytest.raises(InvalidInput, match="writes each frame pair's time"):
+        builder.visual_inputs([message], max_images=1)

@@ -129,3 +129,23 @@ def test_coupled_mode_gives_frames_one_tile_too(dvd_stack: Stack, coupled_stack:
     assert coupled_usage.video_tokens == dvd_usage.video_tokens == 4 * (256 + 2)
     assert coupled_usage.prompt_tokens == dvd_usage.prompt_tokens
     assert coupled_tokens == dvd_tokens
+
+
+@pytest.mark.integration
+def test_an_internvl_vision_server_refuses_a_video_item(dvd_stack: Stack) -> None:
+    """A whole video as one item (ImageInput.video) is Qwen3-VL's; InternVL's language
+    server sends frames as images, so an InternVL vision server refuses it clearly."""
+    import grpc
+
+    from dvd.v1 import vision_pb2, vision_pb2_grpc
+
+    video = vision_pb2.VideoInput(frames=[b"f0", b"f1"], timestamps_s=[0.0, 0.5])
+    request = vision_pb2.EncodeRequest(
+        request_id="video-item", images=[vision_pb2.ImageInput(video=video)]
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{dvd_stack.vision_port}") as channel:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Encode(request, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "takes no video items" in (caught.value.details() or "")

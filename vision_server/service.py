@@ -96,6 +96,9 @@ class VisionService(VisionServiceBase[EncodeProgress]):
 
     def _open_call(self, request: vision_pb2.EncodeRequest, state: CallState) -> EncodeProgress:
         """The resolution mode the request's tiles get (after the shared checks)."""
+        if any(image.HasField("video") for image in request.images):
+            # InternVL's language server sends a video's frames as one-tile images
+            raise InvalidInput("an InternVL vision server takes no video items (ImageInput.video)")
         try:
             mode = vir_mode.from_wire(request.vir_mode) or self.default_mode
         except ValueError as exc:

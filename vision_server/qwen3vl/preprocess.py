@@ -166,6 +166,21 @@ def preprocess_video(
     pixels = config.pixels
     video = _stack_frames(frames)  # (T, 3, H, W) uint8
     num_frames, _, height, width = video.shape
+    new_h, new_w = video_frame_size(num_frames, height, width, config)
+    normalized = _torch_pixels(video, new_h, new_w, pixels)
+    pad = -num_frames % pixels.temporal_patch_size
+    if pad:
+        normalized = torch.cat([normalized, normalized[-1:].expand(pad, -1, -1, -1)])
+    patches, grid = patchify(normalized, pixels)
+    return VisionInput(patches, grid, "video", patch_timestamps(timestamps, pixels))
+
+
+def video_frame_size(
+    num_frames: int, height: int, width: int, config: VideoProcessorConfig
+) -> tuple[int, int]:
+    """Resized (height, width) of a clip of `num_frames` frames of height x width: the
+    video budgets over all frames (and qwen-vl-utils' per-frame cap when switched on)."""
+    pixels = config.pixels
     max_pixels = pixels.max_pixels
     if config.cap_pixels_per_frame:
         frame_cap = config.max_video_tokens * pixels.factor * pixels.factor
@@ -173,7 +188,7 @@ def preprocess_video(
             min(frame_cap, pixels.max_pixels // num_frames), int(pixels.min_pixels * 1.05)
         )
         max_pixels = per_frame * num_frames
-    new_h, new_w = smart_resize_video(
+    return smart_resize_video(
         num_frames,
         height,
         width,
@@ -182,12 +197,17 @@ def preprocess_video(
         pixels.min_pixels,
         max_pixels,
     )
-    normalized = _torch_pixels(video, new_h, new_w, pixels)
-    pad = -num_frames % pixels.temporal_patch_size
-    if pad:
-        normalized = torch.cat([normalized, normalized[-1:].expand(pad, -1, -1, -1)])
-    patches, grid = patchify(normalized, pixels)
-    return VisionInput(patches, grid, "video", patch_timestamps(timestamps, pixels))
+
+
+def video_grid(
+    num_frames: int, height: int, width: int, config: VideoProcessorConfig
+) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid `preprocess_video` gives a clip of `num_frames` frames of
+    height x width (t: frame pairs, an odd count padded), without touching a pixel."""
+    new_h, new_w = video_frame_size(num_frames, height, width, config)
+    pixels = config.pixels
+    tp = pixels.temporal_patch_size
+    return -(-num_frames // tp), new_h // pixels.patch_size, new_w // pixels.patch_size
 
 
 def patchify(

@@ -24,7 +24,7 @@ def make_service(
     """The service and what stops its batcher; the batcher is started (needs a loop)."""
     checkpoint = load_qwen3vl_config(config.model)
     limits = (config.min_pixels or None, config.max_pixels or None)
-    processor, _video = load_processor_configs(checkpoint, image_limits=limits)
+    processor, video = load_processor_configs(checkpoint, image_limits=limits)
     encoder = Qwen3VLEncoder(
         checkpoint, config.device, parse_dtype(config.dtype), config.max_batch_patches
     )
@@ -53,5 +53,7 @@ def make_service(
             QUEUED_BATCHES,
         )
     cache = ItemCache(config.encoder_cache_mib * 2**20)
-    service = Qwen3VLVisionService(config, encoder, processor, batcher, metrics, senders, cache)
+    service = Qwen3VLVisionService(
+        config, encoder, processor, batcher, metrics, senders, cache, video=video
+    )
     return service, batcher.stop

@@ -1,12 +1,15 @@
-"""The VisionService for Qwen3-VL checkpoints: images in, [main | DeepStack] rows out.
+"""The VisionService for Qwen3-VL checkpoints: images and videos in, [main | DeepStack] rows
+out.
 
-Per call: every image is looked up in the encoder cache (keyed by its bytes and everything
-that shapes its rows), the call's patches are admitted against the queue bound, each image
-is decoded and preprocessed (smart_resize to the pixel budgets, patchify) on a worker
-thread and queued to the ItemBatcher, which packs items of all calls into forwards by
-patches. Each image's plan (grid_thw, DeepStack levels, content key; rows in
-`tokens_per_tile[0]`, width in `hidden_size`) goes out before its rows; rows go out image by
-image as their forward finishes, through the same transports as InternVL's tile rows.
+Items are images (`ImageInput.data`) or whole videos (`ImageInput.video`: sampled frames
+and their times, one item each, `video_item.py`). Per call: every item is looked up in the
+encoder cache (keyed by its bytes and everything that shapes its rows), the call's patches
+are admitted against the queue bound, each item is decoded and preprocessed (smart_resize
+to the pixel budgets, patchify) on a worker thread and queued to the ItemBatcher, which
+packs items of all calls into forwards by patches. Each item's plan (modality, grid_thw,
+DeepStack levels, content key, a video's time per temporal patch; rows in
+`tokens_per_tile[0]`, width in `hidden_size`) goes out before its rows; rows go out item by
+item as their forward finishes, through the same transports as InternVL's tile rows.
 
 The overload bound: `--max-queued-tiles` counts tiles for InternVL; for Qwen3-VL the bound
 is in ViT patches, QUEUED_BATCHES x --max-batch-patches (0 with --max-queued-tiles 0: no
@@ -36,8 +39,14 @@ from vision_server.config import VisionServerConfig
 from vision_server.metrics import VisionMetrics
 from vision_server.qwen3vl.encoder import EncodedItem, Qwen3VLEncoder
 from vision_server.qwen3vl.item_batcher import EncodedResult, ItemBatcher
-from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image, resized_grid
-from vision_server.qwen3vl.processor_config import ProcessorConfig
+from vision_server.qwen3vl.preprocess import (
+    VisionInput,
+    patch_timestamps,
+    preprocess_image,
+    resized_grid,
+)
+from vision_server.qwen3vl.processor_config import ProcessorConfig, VideoProcessorConfig
+from vision_server.qwen3vl.video_item import clip, clip_content_key, clip_grid, preprocess_clip
 from vision_server.service_base import CallState, VisionServiceBase
 from vision_server.tiling import decode_image
 
@@ -46,12 +55,15 @@ log = logging.getLogger(__name__)
 FAMILY = "qwen3_vl"
 
 
-def key_salt(encoder: Qwen3VLEncoder, processor: ProcessorConfig, resize: str) -> bytes:
-    """Everything besides an image's bytes that shapes its rows: checkpoint, dtype, pixel
-    budgets, resize mode."""
+def key_salt(
+    encoder: Qwen3VLEncoder, processor: ProcessorConfig, video: VideoProcessorConfig, resize: str
+) -> bytes:
+    """Everything besides an item's bytes that shapes its rows: checkpoint, dtype, image and
+    video pixel budgets, resize mode."""
     return (
         f"{encoder.config.path.resolve()}|{encoder.dtype}|{processor.min_pixels}|"
-        f"{processor.max_pixels}|{resize}"
+        f"{processor.max_pixels}|{video.pixels.min_pixels}|{video.pixels.max_pixels}|"
+        f"{video.cap_pixels_per_frame}|{resize}"
     ).encode()
 
 
@@ -94,11 +106,19 @@ class ItemCache:
 
 
 @dataclass(frozen=True)
-class _Image:
-    data: bytes
+class _Item:
+    """One image or video of a call, looked up in the cache."""
+
+    data: bytes  # an image's file; empty for a video
+    frames: list[bytes]  # a video's frames (a one-frame video doubled, video_item.clip)
+    frame_times: list[float]  # seconds of each of `frames`
     key: str
     cached: EncodedItem | None
-    patches: int  # what preprocessing will make of it (0 when cached), from its header
+    patches: int  # what preprocessing will make of it (0 when cached), from its header(s)
+
+    @property
+    def is_video(self) -> bool:
+        return bool(self.frames)
 
 
 class Qwen3VLVisionService(VisionServiceBase[CallState]):
@@ -114,14 +134,17 @@ class Qwen3VLVisionService(VisionServiceBase[CallState]):
         senders: dict[str, FeatureSender],
         cache: ItemCache,
         resize: str = "pil",
+        *,
+        video: VideoProcessorConfig,
     ) -> None:
         super().__init__(config, metrics, senders)
         self.encoder = encoder
         self.processor = processor
+        self.video = video
         self.batcher = batcher
         self.cache = cache
         self.resize = resize
-        self._key_salt = key_salt(encoder, processor, resize)
+        self._key_salt = key_salt(encoder, processor, video, resize)
         metrics.queued_tiles.set_function(lambda: batcher.admitted_patches)
 
     @property
@@ -143,13 +166,25 @@ class Qwen3VLVisionService(VisionServiceBase[CallState]):
         grid_h, grid_w = grid
         return grid_h * grid_w
 
-    def _look_up(self, data: bytes) -> _Image:
-        key = content_key(data, self._key_salt)
+    def _look_up(self, item: vision_pb2.ImageInput) -> _Item:
+        if item.HasField("video"):
+            frames, times = clip(item.video.frames, item.video.timestamps_s)
+            key = clip_content_key(frames, times, self._key_salt)
+            cached = self.cache.get(key)
+            grid = clip_grid(frames, self.video)
+            patches = 0 if cached is not None else (grid[0] * grid[1] * grid[2] if grid else 1)
+            return _Item(b"", frames, times, key, cached, patches)
+        key = content_key(item.data, self._key_salt)
         cached = self.cache.get(key)
-        return _Image(data, key, cached, 0 if cached is not None else self._patches(data))
+        patches = 0 if cached is not None else self._patches(item.data)
+        return _Item(item.data, [], [], key, cached, patches)
 
-    def _preprocess(self, data: bytes) -> VisionInput:
-        image = decode_image(data, self.config.max_image_pixels)
+    def _preprocess(self, item: _Item) -> VisionInput:
+        if item.is_video:
+            return preprocess_clip(
+                item.frames, item.frame_times, self.video, self.config.max_image_pixels
+            )
+        image = decode_image(item.data, self.config.max_image_pixels)
         return preprocess_image(image, self.processor, resize=self.resize)  # type: ignore[arg-type]
 
     async def _encode(
@@ -158,7 +193,7 @@ class Qwen3VLVisionService(VisionServiceBase[CallState]):
         call = state.cancellation
         loop = asyncio.get_running_loop()
         max_chunk = request.max_chunk_bytes or MAX_CHUNK_BYTES
-        images = [self._look_up(image.data) for image in request.images]
+        images = [self._look_up(image) for image in request.images]
         state.units_expected = len(images)
         patches = sum(image.patches for image in images)
         if not self.batcher.admit(call, patches):
@@ -177,7 +212,7 @@ class Qwen3VLVisionService(VisionServiceBase[CallState]):
                 pending.append(image.cached)
                 continue
             t0 = time.monotonic_ns()
-            item = await loop.run_in_executor(self._preprocess_pool, self._preprocess, image.data)
+            item = await loop.run_in_executor(self._preprocess_pool, self._preprocess, image)
             preprocess_ns += time.monotonic_ns() - t0
             pending.append(self.batcher.submit(item, call))
         for index, (image, waiting) in enumerate(zip(images, pending, strict=True)):
@@ -192,7 +227,7 @@ class Qwen3VLVisionService(VisionServiceBase[CallState]):
                 self.cache.put(image.key, encoded)
                 self.metrics.cache_bytes.set(self.cache.bytes)
             state.units_done += 1
-            yield vision_pb2.EncodeResponse(plan=self._plan(index, encoded, image.key))
+            yield vision_pb2.EncodeResponse(plan=self._plan(index, encoded, image))
             t0 = time.monotonic_ns()
             try:
                 async for chunk in emission.achunks(index, 0, encoded.features, max_chunk):
@@ -224,9 +259,10 @@ class Qwen3VLVisionService(VisionServiceBase[CallState]):
             )
         )
 
-    def _plan(self, index: int, encoded: EncodedItem, key: str) -> vision_pb2.ImagePlan:
+    def _plan(self, index: int, encoded: EncodedItem, item: _Item) -> vision_pb2.ImagePlan:
         t, h, w = encoded.grid_thw
         patch = self.processor.patch_size
+        times = patch_timestamps(item.frame_times, self.video.pixels) if item.is_video else ()
         return vision_pb2.ImagePlan(
             image_index=index,
             num_tiles=1,
@@ -234,12 +270,13 @@ class Qwen3VLVisionService(VisionServiceBase[CallState]):
             grid_rows=1,
             tokens_per_tile=[int(encoded.features.shape[0])],
             hidden_size=self.encoder.feature_width,
-            width=w * patch,  # the resized image's size
+            width=w * patch,  # the resized image's (or frames') size
             height=h * patch,
-            modality=vision_pb2.MODALITY_IMAGE,
+            modality=vision_pb2.MODALITY_VIDEO if item.is_video else vision_pb2.MODALITY_IMAGE,
             grid_thw=[t, h, w],
             deepstack_levels=self.encoder.config.vision.deepstack_levels,
-            content_key=key,
+            timestamps=times,
+            content_key=item.key,
         )
 
     async def Info(
