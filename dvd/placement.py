@@ -1,23 +1,30 @@
-"""Where `dvd up` runs its servers on a CPU host: the CPUs each one gets and its thread count.
+"""Where `dvd up` runs its servers on a CPU host: CPUs, thread counts and priority.
 
 Unplaced, the vision server's PyTorch pool and vLLM's OpenMP pool each size themselves to
-every CPU of the host and fight over them: vLLM binds its compute threads to fixed CPUs
-(all but one, which it keeps for its scheduler and API process), the ViT's threads land on
-the same CPUs, and every parallel region then waits for a thread the kernel has descheduled.
+every CPU of the host: vLLM binds its compute threads to fixed CPUs (all but one, which it
+keeps for its scheduler and API process), the ViT's threads land on the same CPUs, and each
+slows the other down with no order between them. What a request waits for before its first
+token is mostly the ViT (and then its prefill); decoding can wait a little.
+
+So by default, on a CPU host:
+- the vision servers may use every CPU this process may use (split between replicas, in
+  consecutive shares), with PyTorch pools of that size (`OMP_NUM_THREADS`), so one image
+  is encoded on all cores when nothing else runs;
+- the language server gets the last `LANGUAGE_SHARE` of the CPUs (vLLM binds its threads
+  inside them, keeping one for its scheduler when it has more than one), at a lower CPU
+  priority (`LANGUAGE_NICE`): where a ViT and the LLM want the same core, the ViT, which
+  every waiting request's first token needs, goes first, and the LLM gets the rest;
+- the gateway is neither pinned nor lowered: it is light and on every request's path.
+
 Measured on a 2-CPU host (`dvd bench compare --systems vllm,dvd-up`, small preset, c=8,
-benchmarks/results/ttft-cpu/): unplaced, dvd's median TTFT was 2.8x vLLM's.
+448-896 px images; round-by-round figures in benchmarks/results/ttft-cpu/): unplaced, a
+half/half split and this placement gave 1.33, 1.31 and 1.66 requests/s and a median TTFT of
+4.7, 4.8 and 3.3 s (a lower language priority than +5 gave no further gain).
 
-So by default the CPUs this process may use are split in two consecutive blocks: the vision
-servers get `VISION_SHARE` of them (split again between replicas), the language server the
-rest. Each vision server's PyTorch pool is sized to its block (`OMP_NUM_THREADS`); vLLM's
-engine binds its own threads inside the language server's block (one of them kept for its
-scheduler when the block has more than one). The gateway is not placed: it mostly waits on
-sockets.
-
-`--vision-cpus` / `--language-cpus` replace the split (a tier not named then runs on any
-CPU, as before); `--cpu-placement off` turns it off. With --coupled, on a GPU host (the
-servers' work is on their devices) or with a single CPU, nothing is pinned; on one CPU
-every pool gets one thread.
+`--vision-cpus` / `--language-cpus` replace the default (a tier not named then runs on any
+CPU, at normal priority, as before); `--cpu-placement off` turns it off. With --coupled or
+on a GPU host (the servers compute on their devices) nothing is placed; with a single CPU
+nothing is pinned and every vision pool gets one thread.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-VISION_SHARE = 0.5
-"""The vision tier's share of the CPUs. Per request, the ViT and the LLM's prefill and
-decode cost about the same CPU time on the small preset at 448-896 px images (stage
-timings at concurrency 1: encode 0.37 s, prefill + decode 0.47 s); an even split keeps
-either tier from queueing behind the other. Bigger images shift work to the ViT, longer
-answers to the LLM: pass --vision-cpus / --language-cpus for such traffic."""
+LANGUAGE_SHARE = 0.5
+"""The language server's share of the CPUs (the last ones, at least one). Per request, the
+ViT and the LLM's prefill and decode cost about the same CPU time on the small preset with
+448-896 px images (one core: 0.47 s of ViT, about 0.5 s of LLM)."""
+LANGUAGE_NICE = 5
+"""How much lower the language server's CPU priority is (nice; CFS then gives a ViT thread
+about three times the LLM's share of a core both want)."""
 MODES = ("auto", "off")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 """What sizes PyTorch's intra-op pool (and the BLAS under it) in a child, read at its start."""
@@ -44,6 +52,8 @@ class Placement:
     """Children pinned with sched_setaffinity; one not named runs on any CPU."""
     threads: dict[str, int] = field(default_factory=dict)
     """Children whose PyTorch pool `dvd up` sizes (via THREAD_VARIABLES)."""
+    nice: dict[str, int] = field(default_factory=dict)
+    """Children started at a lower CPU priority (their own children inherit it)."""
     how: str = "not placed"
 
     def env(self, name: str) -> dict[str, str]:
@@ -54,11 +64,14 @@ class Placement:
     def describe(self) -> list[str]:
         """One line per child that is placed, for the log at start."""
         lines = []
-        for name in sorted(set(self.cpus) | set(self.threads)):
+        for name in sorted(set(self.cpus) | set(self.threads) | set(self.nice)):
             cpus = self.cpus.get(name)
-            where = f"CPUs {format_cpus(cpus)}" if cpus else "any CPU"
-            count = self.threads.get(name)
-            lines.append(f"{name}: {where}" + (f", {count} threads" if count else ""))
+            line = f"{name}: " + (f"CPUs {format_cpus(cpus)}" if cpus else "any CPU")
+            if name in self.threads:
+                line += f", {self.threads[name]} threads"
+            if name in self.nice:
+                line += f", nice +{self.nice[name]}"
+            lines.append(line)
         return lines
 
 
@@ -115,7 +128,7 @@ def _pinned(
     if language_cpus:
         cpus["language"] = frozenset(language_cpus)
     threads = {name: len(share) for name, share in cpus.items() if name != "language"}
-    return Placement(cpus, threads, how)
+    return Placement(cpus, threads, how=how)
 
 
 def plan(
@@ -142,14 +155,18 @@ def plan(
     ordered = sorted(available)
     if len(ordered) < 2:
         threads = dict.fromkeys(visions, 1)
-        return Placement({}, threads, "one CPU: not pinned, one thread per vision server")
-    vision_count = min(max(round(len(ordered) * VISION_SHARE), len(visions)), len(ordered) - 1)
-    if vision_count < len(visions):  # more replicas than CPUs to give them: share them all
+        return Placement({}, threads, how="one CPU: not pinned, one thread per vision server")
+    if len(visions) > len(ordered):  # more replicas than CPUs: they could only share them
         return Placement(
-            {}, dict.fromkeys(visions, 1), "more vision replicas than CPUs: not pinned"
+            {}, dict.fromkeys(visions, 1), how="more vision replicas than CPUs: not pinned"
         )
-    how = f"default split of {len(ordered)} CPUs ({VISION_SHARE:.0%} to vision)"
-    return _pinned(visions, set(ordered[:vision_count]), set(ordered[vision_count:]), how)
+    language_count = max(1, round(len(ordered) * LANGUAGE_SHARE))
+    placed = _pinned(visions, set(ordered), set(ordered[-language_count:]), "")
+    how = (
+        f"default for {len(ordered)} CPUs: vision servers on all of them, the language "
+        f"server on the last {language_count} at nice +{LANGUAGE_NICE}"
+    )
+    return Placement(placed.cpus, placed.threads, {"language": LANGUAGE_NICE}, how)
 
 
 def available_cpus() -> set[int]:

@@ -167,12 +167,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         COMMAND,
         "--cpu-placement",
         "auto",
-        "auto: on a CPU host, split the CPUs this process may use between the vision servers "
-        "(half, consecutive) and the language server (the rest), and size each vision "
-        "server's thread pool to its share, so the two tiers do not fight over cores "
-        "(printed at start); off: every server on any CPU with its libraries' default "
-        "threads. Not applied with --coupled, on a GPU host, or when --vision-cpus / "
-        "--language-cpus are given",
+        "auto: on a CPU host, the vision servers may use every CPU this process may use "
+        "(thread pools sized to match) and the language server the last half of them at a "
+        "lower CPU priority, so the ViT that a waiting request's first token needs goes "
+        "first where the two meet (printed at start); off: every server on any CPU with "
+        "its libraries' default threads. Not applied with --coupled, on a GPU host, or "
+        "when --vision-cpus / --language-cpus are given",
         choices=placement.MODES,
     )
     add_flag(
@@ -462,15 +462,18 @@ def start(
     argv: list[str],
     cpus: frozenset[int] | None = None,
     env: dict[str, str] | None = None,
+    nice: int = 0,
 ) -> Child:
-    """Starts a child that dies with us and, when `cpus` is given, runs only on them
-    (its own children, e.g. vLLM's engine processes, inherit the affinity)."""
+    """Starts a child that dies with us, runs only on `cpus` when given, and at `nice`
+    (its own children, e.g. vLLM's engine processes, inherit both)."""
     log.info("starting %s%s: %s", name, f" on CPUs {sorted(cpus)}" if cpus else "", " ".join(argv))
 
     def prepare() -> None:
         _die_with_parent()
         if cpus:
             os.sched_setaffinity(0, cpus)
+        if nice:
+            os.nice(nice)
 
     return Child(name, subprocess.Popen(argv, preexec_fn=prepare, env=env))
 
@@ -562,7 +565,9 @@ def run(args: argparse.Namespace) -> int:
                 port = int(argv[argv.index("--metrics-port") + 1])
                 log.info("%s metrics: %s", name, metrics_url(port))
         for name, argv in procs:
-            children.append(start(name, argv, placed.cpus.get(name), child_env(name, args, placed)))
+            env = child_env(name, args, placed)
+            cpus, nice = placed.cpus.get(name), placed.nice.get(name, 0)
+            children.append(start(name, argv, cpus, env, nice))
         code = supervise(children, f"http://{args.host}:{args.port}/ready", args.ready_timeout_s)
     except KeyboardInterrupt:
         log.info("stopping dvd-serve")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -142,3 +143,56 @@ def test_vir_is_computed_for_a_batch_when_any_run_asks_and_split_runs_share_canc
         assert asked == [True]
 
     asyncio.run(scenario())
+
+
+def test_batches_shrink_to_the_latency_target_once_the_time_per_tile_is_known() -> None:
+    """The first batch fills up to max_batch_tiles (nothing measured yet); after it, a
+    batch holds what fits 50 ms at the measured time per tile (this ViT takes 20 ms or
+    more per tile), so the rest of the queue goes two tiles at a time, in order."""
+
+    async def scenario() -> None:
+        batches: list[int] = []
+
+        def vit(pixels: torch.Tensor, with_vir: bool) -> TileFeatures:
+            batches.append(pixels.shape[0])
+            time.sleep(0.02 * pixels.shape[0])
+            return fake_vit(pixels, with_vir)
+
+        batcher = TileBatcher(vit, max_batch_tiles=8, max_wait_ms=0, max_batch_ms=50)
+        batcher.start()
+        sink: asyncio.Queue = asyncio.Queue()
+        run = make_run("a", 16, sink, 1.0)
+        batcher.submit(run)
+        results = await drain(sink, 16)
+        await batcher.stop()
+        assert batches[0] == 8 and sum(batches) == 16
+        assert all(1 <= size <= 2 for size in batches[1:])
+        assert [r.first_tile for r in results] == sorted(r.first_tile for r in results)
+        merged = TileFeatures.cat([r.features for r in results])
+        assert torch.equal(merged.quarter, fake_vit(run.pixel_values).quarter)
+
+    asyncio.run(scenario())
+
+
+def test_batch_sizer_learns_the_time_per_unit() -> None:
+    from vision_server.batch_sizer import BatchSizer
+
+    sizer = BatchSizer(max_units=32, target_ms=250)
+    assert sizer.capacity() == 32  # nothing measured yet
+    sizer.observe(8, 0.4)  # 50 ms per unit
+    assert sizer.capacity() == 5
+    sizer.observe(1, 0.01)  # a fast batch moves the average by SMOOTHING of the gap
+    assert sizer.seconds_per_unit == pytest.approx(0.05 + 0.3 * (0.01 - 0.05))
+    sizer.observe(0, 1.0)  # nothing encoded (all from the cache): no sample
+    assert sizer.capacity() == int(0.25 / sizer.seconds_per_unit)
+    slow = BatchSizer(max_units=32, target_ms=10)
+    slow.observe(1, 1.0)
+    assert slow.capacity() == 1  # never below one unit
+    fast = BatchSizer(max_units=32, target_ms=250)
+    fast.observe(32, 0.032)
+    assert fast.capacity() == 32  # never above the maximum
+    unbounded = BatchSizer(max_units=32, target_ms=0)
+    unbounded.observe(1, 10.0)
+    assert unbounded.capacity() == 32
+    with pytest.raises(ValueError, match="must not be negative"):
+        BatchSizer(max_units=4, target_ms=-1)

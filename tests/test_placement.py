@@ -1,8 +1,8 @@
 """dvd.placement: how `dvd up` splits a CPU host between its vision and language servers.
 
-The plan itself is pure and tested here on made-up CPU sets (1, 2, 8 and 16 CPUs, several
-replicas); `test_up_places_its_children` starts a real `dvd up` and reads the children's
-affinity and thread counts from /proc.
+The plan itself is pure and tested here on made-up CPU sets (1 to 16 CPUs, several
+replicas); tests/test_up.py starts a real `dvd up` and reads its children's affinity,
+priority and thread counts (`assert_placed_by_default`).
 """
 
 from __future__ import annotations
@@ -29,36 +29,40 @@ def test_consecutive_shares() -> None:
         split_consecutive({0}, 2)
 
 
-def test_two_cpus_give_one_to_each_tier() -> None:
+def test_two_cpus_vision_on_both_language_on_the_last_at_lower_priority() -> None:
     placed = plan(["vision"], {0, 1})
-    assert placed.cpus == {"vision": {0}, "language": {1}}
-    assert placed.threads == {"vision": 1}
-    assert placed.env("vision") == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert placed.cpus == {"vision": {0, 1}, "language": {1}}
+    assert placed.threads == {"vision": 2}
+    assert placed.nice == {"language": placement.LANGUAGE_NICE}
+    assert placed.env("vision") == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     assert placed.env("language") == {} and placed.env("gateway") == {}
-    assert placed.describe() == ["language: CPUs 1", "vision: CPUs 0, 1 threads"]
-    assert "default split of 2 CPUs" in placed.how
+    assert placed.describe() == [
+        f"language: CPUs 1, nice +{placement.LANGUAGE_NICE}",
+        "vision: CPUs 0-1, 2 threads",
+    ]
+    assert "vision servers on all of them" in placed.how
 
 
-def test_replicas_split_the_vision_share() -> None:
+def test_replicas_split_every_cpu_and_the_language_server_takes_the_last_half() -> None:
     placed = plan(["vision-1", "vision-2"], set(range(16)))
-    assert placed.cpus["vision-1"] == set(range(4))
-    assert placed.cpus["vision-2"] == set(range(4, 8))
+    assert placed.cpus["vision-1"] == set(range(8))
+    assert placed.cpus["vision-2"] == set(range(8, 16))
     assert placed.cpus["language"] == set(range(8, 16))
-    assert placed.threads == {"vision-1": 4, "vision-2": 4}
-    # an odd count: the language server gets the extra CPU (round half to even: 4.5 -> 4)
-    odd = plan(["vision"], set(range(9)))
-    assert (len(odd.cpus["vision"]), len(odd.cpus["language"])) == (4, 5)
+    assert placed.threads == {"vision-1": 8, "vision-2": 8}
+    # an odd count: round half to even (4.5 -> 4)
+    assert len(plan(["vision"], set(range(9))).cpus["language"]) == 4
+    assert plan(["vision"], set(range(3))).cpus["language"] == {1, 2}
 
 
-def test_the_language_server_always_keeps_a_cpu() -> None:
-    placed = plan(["vision-1", "vision-2"], {0, 1, 2})
-    assert placed.cpus == {"vision-1": {0}, "vision-2": {1}, "language": {2}}
-    crowded = plan([f"vision-{i}" for i in range(3)], {0, 1, 2})
+def test_more_replicas_than_cpus_are_not_pinned() -> None:
+    crowded = plan([f"vision-{i}" for i in range(3)], {0, 1})
     assert crowded.cpus == {} and set(crowded.threads.values()) == {1}
+    assert crowded.nice == {}
 
 
 def test_what_turns_the_default_off() -> None:
     assert plan(["vision"], {0, 1}, mode="off").cpus == {}
+    assert plan(["vision"], {0, 1}, mode="off").nice == {}
     assert plan([], {0, 1}, coupled=True).cpus == {}
     assert plan(["vision"], set(range(8)), gpu_host=True).cpus == {}
     single = plan(["vision"], {3})
@@ -70,6 +74,7 @@ def test_what_turns_the_default_off() -> None:
 def test_cpu_lists_given_replace_the_split() -> None:
     mine = plan(["vision"], set(range(8)), vision_cpus={0, 1, 2})
     assert mine.cpus == {"vision": {0, 1, 2}} and mine.threads == {"vision": 3}
+    assert mine.nice == {}  # lists of your own: your priorities too
     assert mine.how == "your CPU lists"
     # explicit lists win even where the default would not pin (off, GPU host)
     both = plan(["vision"], {0, 1}, mode="off", vision_cpus={0}, language_cpus={0, 1})

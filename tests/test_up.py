@@ -30,8 +30,8 @@ def children_by_role(pid: int) -> dict[str, psutil.Process]:
 
 
 def assert_placed_by_default(roles: dict[str, psutil.Process], log: str) -> None:
-    """Each child runs where dvd.placement's default plan for this machine puts it, vLLM's
-    engine processes inherit the language server's CPUs, and the log says so."""
+    """Each child runs where and at the priority dvd.placement's default plan for this
+    machine gives it, vLLM's engine processes inherit both, and the log says so."""
     from dvd.placement import available_cpus, plan
 
     placed = plan(["vision"], available_cpus())
@@ -39,8 +39,11 @@ def assert_placed_by_default(roles: dict[str, psutil.Process], log: str) -> None
     for role, process in roles.items():
         want = placed.cpus.get(role) or available_cpus()
         assert set(process.cpu_affinity()) == want, role
+        nice = psutil.Process().nice() + placed.nice.get(role, 0)
+        assert process.nice() == nice, role
         for descendant in process.children(recursive=True):
             assert set(descendant.cpu_affinity()) == want, (role, descendant.cmdline())
+            assert descendant.nice() == nice, (role, descendant.cmdline())
         ours = os.environ.get("OMP_NUM_THREADS")
         want_threads = placed.env(role).get("OMP_NUM_THREADS", ours)
         assert process.environ().get("OMP_NUM_THREADS") == want_threads, role

@@ -1,9 +1,11 @@
 """Packs tiles from concurrent requests into ViT batches.
 
 Requests submit runs of tiles; one worker task takes runs in arrival order until a batch
-holds `max_batch_tiles` tiles or `max_wait_ms` has passed since its first tile arrived,
-splitting a run that does not fit. The ViT runs on a single dedicated thread, so the event
-loop keeps streaming the previous batch's features while the next batch encodes.
+holds its capacity or `max_wait_ms` has passed since its first tile arrived, splitting a run
+that does not fit. The capacity is `max_batch_tiles`, or fewer tiles where that many would
+take longer than `max_batch_ms` (see batch_sizer): first come, first finished. The ViT
+runs on a single dedicated thread, so the event loop keeps streaming the previous batch's
+features while the next batch encodes.
 Results go back to each request's own queue as soon as its batch is done.
 
 The queue is bounded in tiles (`max_queued_tiles`, 0: unbounded). A call is admitted as a
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from vision_server.batch_sizer import BatchSizer
 from vision_server.tile_features import TileFeatures
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class TileBatcher:
         max_batch_tiles: int,
         max_wait_ms: float,
         max_queued_tiles: int = 0,
+        max_batch_ms: float = 0.0,
     ) -> None:
         if max_batch_tiles < 1:
             raise ValueError("max_batch_tiles must be at least 1")
@@ -95,6 +99,7 @@ class TileBatcher:
         self.max_batch_tiles = max_batch_tiles
         self.max_queued_tiles = max_queued_tiles
         self.max_wait_s = max_wait_ms / 1000.0
+        self.sizer = BatchSizer(max_batch_tiles, max_batch_ms)
         self._pending: deque[TileRun] = deque()
         self._reserved: dict[Cancellation, int] = {}  # admitted calls' tiles not yet queued
         self._changed = asyncio.Event()  # a run arrived or was withdrawn
@@ -176,15 +181,16 @@ class TileBatcher:
             while not self.queued_tiles:
                 self._changed.clear()
                 await self._changed.wait()
+            capacity = self.sizer.capacity()
             deadline = time.monotonic() + self.max_wait_s
-            while 0 < self.queued_tiles < self.max_batch_tiles and time.monotonic() < deadline:
+            while 0 < self.queued_tiles < capacity and time.monotonic() < deadline:
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
                 except TimeoutError:
                     break
             if self.queued_tiles:  # else all it waited for was withdrawn: wait afresh
-                return self._take(self.max_batch_tiles)
+                return self._take(capacity)
 
     def _take(self, capacity: int) -> list[TileRun]:
         batch: list[TileRun] = []
@@ -213,6 +219,7 @@ class TileBatcher:
                 run.sink.put_nowait(exc)
             return
         encode_ns = time.monotonic_ns() - started
+        self.sizer.observe(int(pixels.shape[0]), encode_ns / 1e9)
         self.batches_run += 1
         self.tiles_encoded += int(pixels.shape[0])
         self.busy_ns += encode_ns

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from dvd.flags import add_flag, add_tls_flags, tls_from_args
+from vision_server.batch_sizer import DEFAULT_MAX_BATCH_MS
 
 if TYPE_CHECKING:
     from vision_server.config import VisionServerConfig
@@ -40,6 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-wait-ms",
         5.0,
         "how long a batch waits for more tiles after its first arrives",
+    )
+    add_flag(
+        parser,
+        COMMAND,
+        "--max-batch-ms",
+        DEFAULT_MAX_BATCH_MS,
+        "latency target of one ViT batch: a batch takes fewer tiles (Qwen3-VL: patches) than "
+        "the maximum where the time per tile measured so far says that many would take "
+        "longer, so the requests at the head of the queue get their features first; 0: "
+        "always fill up to the maximum",
     )
     add_flag(
         parser,
@@ -126,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> VisionServerConfig:
         dtype=args.dtype,
         max_batch_tiles=args.max_batch_tiles,
         max_wait_ms=args.max_wait_ms,
+        max_batch_ms=args.max_batch_ms,
         max_queued_tiles=args.max_queued_tiles,
         max_images_per_request=args.max_images_per_request,
         max_image_pixels=args.max_image_pixels,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from dvd.tls import TlsConfig
 from dvd.transport import parse_names as parse_transports
 from dvd.vir_mode import NAMES as VIR_NAMES
+from vision_server.batch_sizer import DEFAULT_MAX_BATCH_MS
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -28,6 +29,7 @@ class VisionServerConfig:
     dtype: str = "bfloat16"
     max_batch_tiles: int = 32
     max_wait_ms: float = 5.0
+    max_batch_ms: float = DEFAULT_MAX_BATCH_MS  # 0: batches always fill to the maximum
     max_queued_tiles: int | None = None  # None: QUEUED_BATCHES x max_batch_tiles; 0: no bound
     max_images_per_request: int = 16
     max_image_pixels: int = 40_000_000
@@ -50,6 +52,7 @@ class VisionServerConfig:
             "metrics_port": 0 <= self.metrics_port < 65536,
             "max_batch_tiles": self.max_batch_tiles >= 1,
             "max_wait_ms": self.max_wait_ms >= 0,
+            "max_batch_ms": self.max_batch_ms >= 0,
             "max_queued_tiles": self.max_queued_tiles is None or self.max_queued_tiles >= 0,
             "max_images_per_request": self.max_images_per_request >= 1,
             "max_image_pixels": self.max_image_pixels >= 1,

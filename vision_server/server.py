@@ -74,12 +74,18 @@ async def serve(config: VisionServerConfig, grace_s: float = 10.0) -> None:
     checkpoint = load_config(config.model)
     encoder = VisionEncoder(checkpoint, config.device, parse_dtype(config.dtype))
     batcher = TileBatcher(
-        encoder.encode, config.max_batch_tiles, config.max_wait_ms, config.queued_tiles_bound
+        encoder.encode,
+        config.max_batch_tiles,
+        config.max_wait_ms,
+        config.queued_tiles_bound,
+        config.max_batch_ms,
     )
     batcher.start()
     log.info(
-        "ViT batches of up to %d tiles, gathered for up to %g ms; %s",
+        "ViT batches of up to %d tiles and about %g ms (0: no target), gathered for up to "
+        "%g ms; %s",
         config.max_batch_tiles,
+        config.max_batch_ms,
         config.max_wait_ms,
         f"calls refused beyond {config.queued_tiles_bound} queued tiles (--max-queued-tiles)"
         if config.queued_tiles_bound

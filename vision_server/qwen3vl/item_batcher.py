@@ -2,9 +2,11 @@
 
 The Qwen3-VL counterpart of `vision_server.batcher.TileBatcher`: items have variable
 length (t x h x w patches) and are never split, so a forward takes whole items in arrival
-order while their patches fit `max_batch_patches` (an item over the bound runs alone), or
-what has arrived once `max_wait_ms` has passed since the first. The tower runs on one
-dedicated thread, so the event loop keeps streaming the previous forward's rows meanwhile.
+order while their patches fit the capacity (an item over it runs alone), or what has
+arrived once `max_wait_ms` has passed since the first. The capacity is `max_batch_patches`,
+or fewer where that many would take longer than `max_batch_ms` (see batch_sizer). The
+tower runs on one dedicated thread, so the event loop keeps streaming the previous
+forward's rows meanwhile.
 
 The queue is bounded in patches (`max_queued_patches`, 0: unbounded), admitted per call as
 a whole before any of its items is preprocessed, with the same rule as TileBatcher: a call
@@ -22,6 +24,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from vision_server.batch_sizer import BatchSizer
 from vision_server.batcher import Cancellation
 from vision_server.qwen3vl.encoder import EncodedItem, Qwen3VLEncoder
 from vision_server.qwen3vl.preprocess import VisionInput
@@ -54,6 +57,7 @@ class ItemBatcher:
         max_batch_patches: int,
         max_wait_ms: float,
         max_queued_patches: int = 0,
+        max_batch_ms: float = 0.0,
     ) -> None:
         if max_batch_patches < 1 or max_wait_ms < 0 or max_queued_patches < 0:
             raise ValueError("max_batch_patches >= 1, max_wait_ms >= 0, max_queued_patches >= 0")
@@ -61,6 +65,7 @@ class ItemBatcher:
         self.max_batch_patches = max_batch_patches
         self.max_wait_s = max_wait_ms / 1000
         self.max_queued_patches = max_queued_patches
+        self.sizer = BatchSizer(max_batch_patches, max_batch_ms)
         self._pending: deque[_Queued] = deque()
         self._admitted: dict[Cancellation, int] = {}
         self._changed = asyncio.Event()
@@ -118,18 +123,19 @@ class ItemBatcher:
             while not self._pending:
                 self._changed.clear()
                 await self._changed.wait()
+            capacity = self.sizer.capacity()
             deadline = time.monotonic() + self.max_wait_s
-            while self._queued_patches() < self.max_batch_patches and time.monotonic() < deadline:
+            while self._queued_patches() < capacity and time.monotonic() < deadline:
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
                 except TimeoutError:
                     break
-            batch = self._take()
+            batch = self._take(capacity)
             if batch:
                 await self._run(batch)
 
-    def _take(self) -> list[_Queued]:
+    def _take(self, capacity: int) -> list[_Queued]:
         batch: list[_Queued] = []
         total = 0
         while self._pending:
@@ -137,7 +143,7 @@ class ItemBatcher:
             if queued.cancellation.cancelled or queued.future.done():
                 self._pending.popleft()
                 continue
-            if batch and total + queued.item.num_patches > self.max_batch_patches:
+            if batch and total + queued.item.num_patches > capacity:
                 break
             batch.append(self._pending.popleft())
             total += queued.item.num_patches
@@ -158,6 +164,7 @@ class ItemBatcher:
                     queued.future.set_exception(exc)
             return
         encode_ns = time.monotonic_ns() - started
+        self.sizer.observe(patches, encode_ns / 1e9)
         self.batches_run += 1
         for queued, rows in zip(batch, encoded, strict=True):
             self._release(queued.cancellation, queued.item.num_patches)

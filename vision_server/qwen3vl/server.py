@@ -29,15 +29,20 @@ def make_service(
         checkpoint, config.device, parse_dtype(config.dtype), config.max_batch_patches
     )
     batcher = ItemBatcher(
-        encoder, config.max_batch_patches, config.max_wait_ms, config.queued_patches_bound
+        encoder,
+        config.max_batch_patches,
+        config.max_wait_ms,
+        config.queued_patches_bound,
+        config.max_batch_ms,
     )
     batcher.start()
     log.info(
-        "Qwen3-VL: images resized to %d..%d pixels; forwards of up to %d patches, gathered "
-        "for up to %g ms; %s",
+        "Qwen3-VL: images resized to %d..%d pixels; forwards of up to %d patches and about "
+        "%g ms (0: no target), gathered for up to %g ms; %s",
         processor.min_pixels,
         processor.max_pixels,
         config.max_batch_patches,
+        config.max_batch_ms,
         config.max_wait_ms,
         f"calls refused beyond {config.queued_patches_bound} queued patches"
         if config.queued_patches_bound
