@@ -73,6 +73,8 @@ def make_checkpoints(plan: CheckpointPlan, work: Path) -> tuple[dict[str, Path],
 
 
 def _qwen3vl_meta(plan: CheckpointPlan, folder: str) -> dict[str, Any]:
+    moe = QWEN3VL_PRESETS[plan.preset].is_moe
+    model_class = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
     return {
         "family": Family.QWEN3_VL.value,
         "preset": plan.preset,
@@ -80,9 +82,9 @@ def _qwen3vl_meta(plan: CheckpointPlan, folder: str) -> dict[str, Any]:
         "layouts": {"hf": folder},
         "description": (
             f"Qwen3-VL, random weights, preset `{plan.preset}` (seed {plan.seed}), ONE "
-            f"checkpoint `{folder}` written by transformers' Qwen3VLForConditionalGeneration "
-            "(save_pretrained, the releases' files and keys): vLLM serves it natively (its "
-            "own Qwen3-VL, ViT in the engine) and every dvd system serves the same folder"
+            f"checkpoint `{folder}` written by transformers' {model_class} (save_pretrained, "
+            "the releases' files and keys): vLLM serves it natively (its own Qwen3-VL, ViT in "
+            "the engine) and every dvd system serves the same folder"
         ),
     }
 
