@@ -71,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         "small",
         "checkpoint preset for vllm, coupled and the dvd systems; it picks the model family: "
-        "InternVL3.5 (tiny, small, ...) or Qwen3-VL (qwen3vl-tiny, qwen3vl-small)",
+        "InternVL3.5 (tiny, small, ...) or Qwen3-VL (qwen3vl-tiny, qwen3vl-small, "
+        "qwen3vl-moe-tiny)",
     )
     flag("--vir-preset", "small-flash", "-Flash preset for dvd-vir (InternVL presets only)")
     flag("--seed", 0, "seed of the random weights")
