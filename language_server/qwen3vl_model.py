@@ -111,8 +111,8 @@ class DvdQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
 class DvdQwen3VLMoeForConditionalGeneration(Qwen3VLMoeForConditionalGeneration):
-    """Qwen3-VL-MoE fed with vision rows, DeepStack kept (checked: vLLM 0.32.0's source;
-    not run: there is no MoE test checkpoint)."""
+    """Qwen3-VL-MoE fed with vision rows, DeepStack kept (run on qwen3vl-moe-tiny:
+    tests/test_qwen3vl_moe_serving.py)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         check_deepstack_fit(Qwen3VLMoeForConditionalGeneration, installed_vllm_version())

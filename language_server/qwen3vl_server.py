@@ -79,8 +79,6 @@ def start_qwen3vl(
 ) -> tuple[Qwen3VLConfig, LlmEngine, Qwen3VLPromptBuilder, FeatureSource, int]:
     """Checkpoint, engine, builder, vision pool and context length of a Qwen3-VL server."""
     checkpoint = load_qwen3vl_config(config.model)
-    if checkpoint.is_moe:
-        raise ValueError("language server: Qwen3-VL-MoE is not served yet")
     max_model_len = context_length(config, checkpoint.llm_config)
     view = prepare_qwen3vl_view(checkpoint, config.cache_dir or cache_dir())
     settings = settings_for(config, view, max_model_len)  # type: ignore[operator]

@@ -274,6 +274,101 @@ def test_pinning_and_launch_plans(tmp_path: Path) -> None:
     assert isinstance(specs["vllm"], SystemSpec) and specs["vllm"].coupled
 
 
+def _compare_args(*argv: str) -> Any:
+    import argparse
+
+    from benchmarks.compare.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["compare", *argv])
+
+
+def test_qwen3vl_lineup_serves_one_checkpoint_and_has_no_vir(tmp_path: Path) -> None:
+    from benchmarks.compare.lineup import QWEN3VL_NO_VIR
+    from dvd.checkpoint.family import Family
+
+    specs = {s.name: s for s in lineup("shm", Family.QWEN3_VL)}
+    assert list(specs) == ["vllm", "coupled", "dvd-grpc", "dvd-shm", "dvd-up"]
+    assert {s.checkpoint for s in specs.values()} == {"hf"}  # one folder for every system
+    assert "Qwen3-VL served natively" in specs["vllm"].label
+    assert "ViR" in QWEN3VL_NO_VIR and "skipped" in QWEN3VL_NO_VIR
+    # the dvd systems' command lines do not depend on the family
+    grpc = dvd_argv(specs["dvd-grpc"], tmp_path, 8000, Sizing(), Pinning("0", "1", "0-1"))
+    assert grpc[grpc.index("--transport") + 1] == "grpc"
+    assert grpc[grpc.index("--model") + 1] == str(tmp_path)
+    assert [s.name for s in lineup(None, Family.QWEN3_VL)] == [
+        "vllm",
+        "coupled",
+        "dvd-grpc",
+        "dvd-up",
+    ]
+
+
+def test_compare_arguments_pick_the_family_from_the_preset() -> None:
+    from benchmarks.compare.cli import _family, _notes, _specs
+    from benchmarks.compare.lineup import QWEN3VL_NO_VIR
+    from dvd.checkpoint.family import Family
+
+    args = _compare_args("--preset", "qwen3vl-small", "--systems", "vllm,dvd-grpc,dvd-fast")
+    family = _family(args.preset)
+    assert family is Family.QWEN3_VL and _family("small") is Family.INTERNVL
+    specs = _specs(args, family)
+    assert [s.name for s in specs][:2] == ["vllm", "dvd-grpc"] and len(specs) == 3
+    assert _notes(specs, family)[0] == QWEN3VL_NO_VIR
+    assert "torchvision image processor" in _notes(specs, family)[1]
+    assert _notes(specs[1:], family) == [QWEN3VL_NO_VIR]  # no vllm: no preprocessor note
+    every = _specs(_compare_args("--preset", "qwen3vl-tiny"), family)
+    assert "dvd-vir" not in {s.name for s in every}
+    with pytest.raises(SystemExit, match="dvd-vir does not apply to Qwen3-VL"):
+        _specs(_compare_args("--preset", "qwen3vl-tiny", "--systems", "vllm,dvd-vir"), family)
+    with pytest.raises(SystemExit, match="qwen3vl-tiny"):
+        _family("qwen3vl-huge")  # the message lists the known presets
+    internvl = _specs(_compare_args("--systems", "vllm,dvd-vir"), Family.INTERNVL)
+    assert [s.checkpoint for s in internvl] == ["hf", "vir"]
+    assert _notes(internvl, Family.INTERNVL)[0].startswith("dvd-vir serves a different model")
+
+
+def test_checkpoint_plans_name_the_folders_each_system_serves(tmp_path: Path) -> None:
+    from benchmarks.compare.checkpoints import CheckpointPlan, make_checkpoints
+    from dvd.checkpoint.family import checkpoint_family
+
+    internvl = CheckpointPlan("small", "small-flash", 0, frozenset({"original", "hf"}))
+    assert internvl.folder_names() == {
+        "hf": "internvl3_5-small-random-hf",
+        "original": "internvl3_5-small-random",
+    }
+    plan = CheckpointPlan("qwen3vl-tiny", "small-flash", 3, frozenset({"hf"}))
+    paths, meta = make_checkpoints(plan, tmp_path)
+    assert paths == {"hf": tmp_path / "qwen3vl-tiny-random"}
+    assert [p.name for p in tmp_path.iterdir()] == ["qwen3vl-tiny-random"]  # nothing else made
+    assert checkpoint_family(paths["hf"]).value == "qwen3_vl"
+    assert meta["family"] == "qwen3_vl" and meta["layouts"] == {"hf": "qwen3vl-tiny-random"}
+    assert "ONE checkpoint `qwen3vl-tiny-random`" in meta["description"]
+    assert "seed 3" in meta["description"]
+    both, meta = make_checkpoints(
+        CheckpointPlan("tiny", "tiny-flash", 0, frozenset({"original", "hf"})), tmp_path / "ivl"
+    )
+    assert [checkpoint_family(p).value for p in both.values()] == ["internvl", "internvl"]
+    assert meta["layouts"] == {
+        "original": "internvl3_5-tiny-random",
+        "hf": "internvl3_5-tiny-random-hf",
+    }
+    assert "vir" not in meta and "dvd-vir" not in meta["description"]  # not asked for: not made
+
+
+def test_markdown_says_which_checkpoint_each_system_served() -> None:
+    data = runs()
+    data["vllm"].model, data["dvd-grpc"].model = "qwen3vl-small-random", "qwen3vl-small-random"
+    data["vllm"].label = "vLLM OpenAI server, Qwen3-VL served natively (ViT in the engine)"
+    text = render(build_report(data, 4, {"traffic": QUICK.to_json()}))
+    assert (
+        "| vllm | vLLM OpenAI server, Qwen3-VL served natively (ViT in the engine) "
+        "| `qwen3vl-small-random` |" in text
+    )
+    assert "| dvd-grpc | dvd-grpc | `qwen3vl-small-random` |" in text
+
+
 def test_traffic_levels_use_their_own_seeds_and_distinct_images() -> None:
     traffic = Traffic(concurrencies=(1, 4), min_requests=8, rounds=4)
     first, second = (
@@ -459,3 +554,43 @@ def test_rounds_are_summarised_against_their_own_baseline() -> None:
     text = render_summary(summary, rounds[0], "dvd bench compare --rounds 2")
     assert "| 2 | dvd-up | 1.300 | 3000 | 6000 | 9000 |" in text
     assert "dvd-up req/s 1.40x, TTFT p50 0.62x" in text
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_compare_runs_vllm_and_dvd_grpc_on_one_qwen3vl_checkpoint(tmp_path: Path) -> None:
+    """vLLM's own server (its Qwen3-VL, ViT in the engine) and dvd over grpc serve the one
+    qwen3vl-tiny folder and answer alike; the report names the folder and skips dvd-vir.
+    About 2 min on a shared 2-core machine (two servers started, 8 requests each)."""
+    out = tmp_path / "compare"
+    args = _compare_args(
+        "--quick",
+        "--out",
+        str(out),
+        "--preset",
+        "qwen3vl-tiny",
+        "--systems",
+        "vllm,dvd-grpc",
+        "--concurrency",
+        "1",
+        "--image-sizes",
+        "448x448",
+        "--output-tokens",
+        "8",
+        "--quiet-wait-s",
+        "0",
+        "--retries",
+        "0",
+    )
+    assert args.func(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["systems"]) == {"vllm", "dvd-grpc"}
+    assert {s["model"] for s in report["systems"].values()} == {"qwen3vl-tiny-random"}
+    assert report["checkpoint"]["family"] == "qwen3_vl"
+    grpc = report["systems"]["dvd-grpc"]
+    assert grpc["ok"] and grpc["errors"] == 0
+    assert grpc["greedy"]["matches_vllm"] == {"text": True, "image": True}
+    assert grpc["ratio_to_vllm"]["request_throughput"] > 0
+    text = (out / "report.md").read_text()
+    assert "| vllm | vLLM OpenAI server, Qwen3-VL served natively" in text
+    assert "dvd-vir does not apply to Qwen3-VL" in text

@@ -1,7 +1,7 @@
 """Qwen3-VL checkpoints (issue 13, step 1): the random-weight presets have a real release's
 files and keys, transformers loads them strictly and runs an image through them, config.json
-is read by key name, the family is told from config.json (dense Qwen3-VL served, MoE refused
-by the servers), and the tensor checks name a damaged checkpoint tensor by tensor. No server
+is read by key name, the family is told from config.json (dense and MoE Qwen3-VL served),
+and the tensor checks name a damaged checkpoint tensor by tensor. No server
 starts here.
 
 The release facts below are those of Qwen/Qwen3-VL-2B/4B/8B-Instruct: file list, config.json
@@ -23,7 +23,7 @@ import torch
 
 from dvd.checkpoint import cli as checkpoint_cli
 from dvd.checkpoint import load_config, make_checkpoint
-from dvd.checkpoint.family import Family, UnsupportedFamily, checkpoint_family, require_servable
+from dvd.checkpoint.family import Family, checkpoint_family, require_servable
 from dvd.checkpoint.qwen3vl_config import load_qwen3vl_config
 from dvd.checkpoint.qwen3vl_presets import QWEN3VL_PRESETS
 from dvd.checkpoint.qwen3vl_tokenizer import TOOLS_INTRO, TOOLS_OUTRO
@@ -412,6 +412,41 @@ def test_the_small_preset_builds_in_transformers() -> None:
     assert math.isclose(vit, llm, rel_tol=0.05)
 
 
+MOE_TEXT_KEYS = (
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "num_experts",
+    "num_experts_per_tok",
+)
+
+
+def test_the_moe_preset_has_the_moe_releases_keys_and_transformers_reads_them() -> None:
+    """Only the config: the MoE preset's checkpoint is written and served in
+    test_qwen3vl_moe_serving.py."""
+    from transformers import Qwen3VLMoeConfig
+
+    from dvd.checkpoint.qwen3vl_tokenizer import qwen3vl_token_ids
+
+    raw = release_config(QWEN3VL_PRESETS["qwen3vl-moe-tiny"], qwen3vl_token_ids())
+    assert raw["architectures"] == ["Qwen3VLMoeForConditionalGeneration"]
+    assert raw["model_type"] == raw["vision_config"]["model_type"] == "qwen3_vl_moe"
+    text = raw["text_config"]
+    assert text["model_type"] == "qwen3_vl_moe_text"
+    assert {k: text[k] for k in MOE_TEXT_KEYS} == {
+        "decoder_sparse_step": 1,  # every layer sparse, as 30B-A3B
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 16,
+        "norm_topk_prob": True,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+    }
+    config = Qwen3VLMoeConfig.from_dict(raw)
+    assert config.text_config.num_experts == 8 and config.text_config.num_experts_per_tok == 2
+    assert config.vision_config.model_type == "qwen3_vl_moe_vision"  # the releases' quirk
+
+
 # --- which family -------------------------------------------------------------------------
 
 
@@ -582,15 +617,14 @@ def _tiny_moe(folder: Path, *, release_layout: bool) -> Path:
     return folder
 
 
-def test_moe_is_detected_verified_in_the_release_layout_and_refused(tmp_path: Path) -> None:
+def test_moe_is_detected_verified_in_the_release_layout_and_servable(tmp_path: Path) -> None:
     folder = _tiny_moe(tmp_path / "moe", release_layout=True)
     assert checkpoint_family(folder) is Family.QWEN3_VL_MOE
     config = load_qwen3vl_config(folder)
     assert config.is_moe and config.llm_config["model_type"] == "qwen3_moe"
     assert config.llm_config["num_experts"] == 4
     verify_qwen3vl(config)
-    with pytest.raises(UnsupportedFamily, match="Qwen3-VL-MoE checkpoint"):
-        require_servable(folder, "language")
+    assert require_servable(folder, "language") is Family.QWEN3_VL_MOE
     # experts left in transformers 5's in-memory orientation are not what vLLM loads
     other = _tiny_moe(tmp_path / "moe-t5", release_layout=False)
     with pytest.raises(CheckpointMismatch, match=r"experts\.down_proj .* is \(4, 64, 16\)"):

@@ -21,6 +21,7 @@ from dvd.flags import add_flag
 
 if TYPE_CHECKING:
     from benchmarks.compare.config import CompareConfig
+    from dvd.checkpoint.family import Family
 
 COMMAND = "bench-compare"
 VIR_NOTE = (
@@ -39,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "layout; coupled: dvd up --coupled; dvd-grpc; dvd-shm (the fastest one-host "
             "transport here); dvd-vir), sends each the same image traffic at each "
             "concurrency level, reads its per-stage times from /metrics, and stops it. "
+            "A Qwen3-VL preset (--preset qwen3vl-small) makes ONE checkpoint in the releases' "
+            "layout, which vLLM serves natively and dvd as it is, and runs every system but "
+            "dvd-vir (ViR is InternVL-Flash's). "
             "Writes report.json, report.md and PNG plots under --out. Exits 1 when a system "
             "could not be measured or a request failed."
         ),
@@ -63,8 +67,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flag("--image-sizes", "448x448,896x896", "image sizes, cycled (WIDTHxHEIGHT,...)")
     flag("--prompt-words", 32, "words of text per request, besides the images")
     flag("--output-tokens", 16, "tokens generated per request (ignore_eos)")
-    flag("--preset", "small", "checkpoint preset for vllm, coupled and the dvd systems")
-    flag("--vir-preset", "small-flash", "-Flash preset for dvd-vir")
+    flag(
+        "--preset",
+        "small",
+        "checkpoint preset for vllm, coupled and the dvd systems; it picks the model family: "
+        "InternVL3.5 (tiny, small, ...) or Qwen3-VL (qwen3vl-tiny, qwen3vl-small, "
+        "qwen3vl-moe-tiny)",
+    )
+    flag("--vir-preset", "small-flash", "-Flash preset for dvd-vir (InternVL presets only)")
     flag("--seed", 0, "seed of the random weights")
     flag("--fast-transport", "auto", "the dvd-fast system's transport (auto: shm, else tcp)")
     flag("--kv-cache-gib", 1.0, "KV cache of every system")
@@ -128,18 +138,21 @@ def _traffic(args: argparse.Namespace) -> Any:
     return replace(traffic, **changes)
 
 
-def _specs(args: argparse.Namespace) -> list[Any]:
-    from benchmarks.compare.lineup import FAST_TRANSPORTS, fast_transport, lineup
+def _specs(args: argparse.Namespace, family: Family) -> list[Any]:
+    from benchmarks.compare.lineup import FAST_TRANSPORTS, QWEN3VL_NO_VIR, fast_transport, lineup
+    from dvd.checkpoint.family import Family
 
     fast = fast_transport() if args.fast_transport == "auto" else args.fast_transport
     if fast is not None and fast not in (*FAST_TRANSPORTS, "grpc", "rdma"):
         raise SystemExit(f"dvd bench compare: unknown --fast-transport {fast!r}")
-    specs = lineup(fast if fast != "grpc" else None)
+    specs = lineup(fast if fast != "grpc" else None, family)
     if args.systems == "all":
         return specs
     given = [s.strip() for s in args.systems.split(",") if s.strip()]
     ordered = list(dict.fromkeys(f"dvd-{fast}" if s == "dvd-fast" else s for s in given))
     wanted = set(ordered)
+    if "dvd-vir" in wanted and family is Family.QWEN3_VL:
+        raise SystemExit(f"dvd bench compare: --preset {args.preset}: {QWEN3VL_NO_VIR}")
     unknown = wanted - {s.name for s in specs}
     if unknown:
         names = ", ".join(s.name for s in specs)
@@ -148,32 +161,24 @@ def _specs(args: argparse.Namespace) -> list[Any]:
     return [by_name[name] for name in ordered]
 
 
-def _checkpoints(args: argparse.Namespace, work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
-    from dvd.checkpoint import make_checkpoint
+def _family(preset: str) -> Family:
+    from benchmarks.compare.checkpoints import preset_family
 
-    base = f"internvl3_5-{args.preset}-random"
-    paths = {
-        "original": make_checkpoint(work / base, preset=args.preset, seed=args.seed),
-        "hf": make_checkpoint(work / f"{base}-hf", preset=args.preset, layout="hf", seed=args.seed),
-        "vir": make_checkpoint(
-            work / f"internvl3_5-{args.vir_preset}-random", preset=args.vir_preset, seed=args.seed
-        ),
-    }
-    description = (
-        f"random weights, preset `{args.preset}` (seed {args.seed}) written once in both "
-        "layouts: the original one for coupled and the dvd systems, the -HF one for vLLM "
-        f"(same weights); dvd-vir serves preset `{args.vir_preset}` (same seed), a DIFFERENT "
-        "model: its -Flash router and weights are its own, and it has no -HF layout"
-    )
-    meta = {
-        "preset": args.preset,
-        "vir_preset": args.vir_preset,
-        "seed": args.seed,
-        "layouts": {"original": paths["original"].name, "hf": paths["hf"].name},
-        "vir": paths["vir"].name,
-        "description": description,
-    }
-    return paths, meta
+    try:
+        return preset_family(preset)
+    except ValueError as error:
+        raise SystemExit(f"dvd bench compare: --preset: {error}") from None
+
+
+def _notes(specs: list[Any], family: Family) -> list[str]:
+    """Report notes about the lineup itself: a system skipped, or serving another model."""
+    from benchmarks.compare.lineup import QWEN3VL_NO_VIR, QWEN3VL_RESIZE_NOTE
+    from dvd.checkpoint.family import Family
+
+    if family is Family.QWEN3_VL:
+        vllm = [QWEN3VL_RESIZE_NOTE] if any(s.name == "vllm" for s in specs) else []
+        return [QWEN3VL_NO_VIR, *vllm]
+    return [VIR_NOTE] if any(s.name == "dvd-vir" for s in specs) else []
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -196,6 +201,7 @@ def _print_table(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from benchmarks.compare.checkpoints import CheckpointPlan, make_checkpoints
     from benchmarks.compare.config import CompareConfig, Pinning, Sizing
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -215,19 +221,26 @@ def run(args: argparse.Namespace) -> int:
         quiet_wait_s=args.quiet_wait_s,
         retries=args.retries,
     )
-    specs = _specs(args)
+    family = _family(args.preset)
+    specs = _specs(args, family)
     if args.rounds < 1:
         raise SystemExit(f"dvd bench compare: --rounds must be at least 1, not {args.rounds}")
+    plan = CheckpointPlan(
+        args.preset, args.vir_preset, args.seed, frozenset(s.checkpoint for s in specs)
+    )
+    notes = _notes(specs, family)
     work = Path(tempfile.mkdtemp(prefix="dvd-bench-compare-"))
     reports = []
     try:
-        checkpoints, checkpoint_meta = _checkpoints(args, work)
+        checkpoints, checkpoint_meta = make_checkpoints(plan, work)
         for index in range(args.rounds):
             round_config = config
             if args.rounds > 1:
                 round_config = dataclasses.replace(config, out=out / f"round-{index + 1}")
                 print(f"round {index + 1} of {args.rounds}", flush=True)
-            reports.append(_one_round(specs, round_config, checkpoints, checkpoint_meta, command))
+            reports.append(
+                _one_round(specs, round_config, checkpoints, checkpoint_meta, command, notes)
+            )
     finally:
         if args.keep_checkpoints:
             print(f"checkpoints kept in {work}")
@@ -255,6 +268,7 @@ def _one_round(
     checkpoints: dict[str, Path],
     checkpoint_meta: dict[str, Any],
     command: str,
+    notes: list[str],
 ) -> dict[str, Any]:
     """Every system once, each stopped before the next starts; the report under config.out."""
     from benchmarks.compare.markdown import render
@@ -275,7 +289,7 @@ def _one_round(
         "sizing": config.sizing.to_json(),
         "pinning": config.pinning.to_json(),
         "command": command,
-        "notes": [VIR_NOTE] if "dvd-vir" in runs else [],
+        "notes": notes,
     }
     report = build_report(runs, config.traffic.headline_concurrency, meta)
     write_report(report, config.out)

@@ -1,5 +1,7 @@
 """The systems `dvd bench compare` runs, and the command line that starts each one.
 
+InternVL presets (`small`, ...):
+
 | name | what | checkpoint |
 | --- | --- | --- |
 | vllm | vLLM's OpenAI server, -HF layout served natively (ViT in the engine) | small, -HF |
@@ -12,6 +14,11 @@
 "small" in both layouts comes from one seed, so vllm, coupled and the dvd systems serve the
 same weights; dvd-vir serves another model (the -Flash preset adds the router and its
 weights are drawn anew), so its figures are not the same model's.
+
+Qwen3-VL presets (`qwen3vl-small`, ...): the same systems but dvd-vir, all on ONE checkpoint
+(transformers' save_pretrained layout is what vLLM reads natively and what dvd reads; there
+is no second layout). dvd-vir does not apply (`QWEN3VL_NO_VIR`); how the two preprocessors
+compare is `QWEN3VL_RESIZE_NOTE`.
 """
 
 from __future__ import annotations
@@ -22,11 +29,26 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare.config import Pinning, Sizing
+from dvd.checkpoint.family import Family
 
 FAST_TRANSPORTS = ("shm", "tcp")
 """One-host transports, fastest first: shm copies once into memory the LLM reads; tcp
 copies through the kernel. The first one usable here is the "fast" dvd system's."""
 CHECKPOINTS = ("original", "hf", "vir")
+"""Checkpoint roles: InternVL's original layout, the -HF layout (InternVL's, or Qwen3-VL's one
+layout), the -Flash preset's original layout."""
+QWEN3VL_NO_VIR = (
+    "dvd-vir does not apply to Qwen3-VL: ViR (the Visual Resolution Router) compresses "
+    "InternVL3.5-Flash's 448-px tiles, and Qwen3-VL has neither tiles nor a -Flash variant; "
+    "it was skipped"
+)
+QWEN3VL_RESIZE_NOTE = (
+    "vLLM's Qwen3-VL preprocesses images with transformers' torchvision image processor "
+    "(torch resize), dvd with the PIL one: images whose sides are multiples of 32 px "
+    "within the pixel budgets (448x448 and 896x896, the greedy check's and the default "
+    "traffic's) are not resized, so both see the same pixels; other sizes differ by about "
+    "one grey level on a few values"
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +56,8 @@ class SystemSpec:
     name: str
     label: str
     checkpoint: str
-    """Which checkpoint it serves: "original", "hf" (same weights) or "vir" (-Flash)."""
+    """Which checkpoint it serves (a role in CHECKPOINTS): "original", "hf" (same weights)
+    or "vir" (-Flash)."""
     stage_source: str
     """"dvd" (the gateway's stage histograms) or "vllm" (vLLM's request histograms)."""
     dvd_flags: tuple[str, ...] = ()
@@ -63,52 +86,52 @@ def fast_transport(candidates: tuple[str, ...] = FAST_TRANSPORTS) -> str | None:
     return next((name for name in candidates if transport_usable(name)), None)
 
 
-def lineup(fast: str | None) -> list[SystemSpec]:
-    """Every system, in the order they run; without a fast transport, dvd-vir uses grpc."""
+def lineup(fast: str | None, family: Family = Family.INTERNVL) -> list[SystemSpec]:
+    """Every system for `family`, in the order they run; without a fast transport, dvd-vir
+    uses grpc. Qwen3-VL: one checkpoint ("hf") for all, no dvd-vir."""
+    qwen3vl = family is Family.QWEN3_VL
+    ours = "hf" if qwen3vl else "original"  # the checkpoint dvd's systems serve
+    native = "Qwen3-VL served natively" if qwen3vl else "InternVL -HF served natively"
     specs = [
-        SystemSpec("vllm", "vLLM OpenAI server, InternVL -HF served natively", "hf", "vllm"),
+        SystemSpec("vllm", f"vLLM OpenAI server, {native} (ViT in the engine)", "hf", "vllm"),
         SystemSpec(
             "coupled",
             "dvd up --coupled (ViT inside the language server)",
-            "original",
+            ours,
             "dvd",
             ("--coupled",),
         ),
-        SystemSpec(
-            "dvd-grpc", "dvd up --transport grpc", "original", "dvd", ("--transport", "grpc")
-        ),
+        SystemSpec("dvd-grpc", "dvd up --transport grpc", ours, "dvd", ("--transport", "grpc")),
     ]
     if fast is not None:
         specs.append(
             SystemSpec(
-                f"dvd-{fast}",
-                f"dvd up --transport {fast}",
-                "original",
-                "dvd",
-                ("--transport", fast),
+                f"dvd-{fast}", f"dvd up --transport {fast}", ours, "dvd", ("--transport", fast)
             )
         )
-    vir_transport = fast or "grpc"
-    specs.append(
-        SystemSpec(
-            "dvd-vir",
-            f"dvd up --transport {vir_transport} on the -Flash preset, vir_mode router",
-            "vir",
-            "dvd",
-            ("--transport", vir_transport),
-            {"vir_mode": "router"},
-        )
-    )
+    if not qwen3vl:
+        specs.append(vir_spec(fast or "grpc"))
     specs.append(
         SystemSpec(
             "dvd-up",
             "dvd up with its defaults (transport, CPU placement and thread counts its own)",
-            "original",
+            ours,
             "dvd",
             pinnable=False,
         )
     )
     return specs
+
+
+def vir_spec(transport: str) -> SystemSpec:
+    return SystemSpec(
+        "dvd-vir",
+        f"dvd up --transport {transport} on the -Flash preset, vir_mode router",
+        "vir",
+        "dvd",
+        ("--transport", transport),
+        {"vir_mode": "router"},
+    )
 
 
 def dvd_argv(

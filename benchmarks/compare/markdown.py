@@ -88,6 +88,14 @@ def context_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def systems_table(report: dict[str, Any]) -> list[str]:
+    """Which system served which checkpoint folder (the folder names the model and preset)."""
+    lines = ["| system | what | checkpoint served |", "| --- | --- | --- |"]
+    for name, system in report["systems"].items():
+        lines.append(f"| {name} | {system.get('label', '')} | `{system.get('model') or '-'}` |")
+    return lines
+
+
 def _stages_table(report: dict[str, Any]) -> list[str]:
     concurrencies = (report.get("traffic") or {}).get("concurrencies", [])
     lines = [
@@ -114,7 +122,7 @@ def render(report: dict[str, Any], command: str = "") -> str:
     lines = ["# dvd bench compare", ""]
     if command:
         lines += [f"`{command}`", ""]
-    lines += [*context_lines(report), ""]
+    lines += [*context_lines(report), "", "## Systems", "", *systems_table(report), ""]
     ran = [(n, s) for n, s in systems.items() if s.get("by_concurrency")]
     lines += [
         f"## Headline: concurrency {headline}",

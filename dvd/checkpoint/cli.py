@@ -28,7 +28,9 @@ original (InternVLChatModel, like OpenGVLab/InternVL3_5-8B; the default) and hf
 
 Qwen3-VL presets (Qwen3VLForConditionalGeneration, like Qwen/Qwen3-VL-2B-Instruct; one
 layout): qwen3vl-tiny (tests: ViT 64x4, LLM 64x3, 3 DeepStack levels) and qwen3vl-small
-(CPU benchmarks: ViT 256x6, LLM 512x6, in Qwen3-VL-2B's proportion)."""
+(CPU benchmarks: ViT 256x6, LLM 512x6, in Qwen3-VL-2B's proportion); qwen3vl-moe-tiny
+(Qwen3VLMoeForConditionalGeneration, like Qwen/Qwen3-VL-30B-A3B-Instruct: tiny with 8
+experts of 16 per layer, 2 routed per token)."""
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -16,6 +16,12 @@ its LLM 28 layers x 50.3 M weights x 2 = 2.8 GFLOP; small's ViT 6 x 0.79 M x 4 x
 MFLOP and its LLM 6 x 3.15 M x 2 = 37.7 MFLOP (matmuls only, attention and merger aside).
 "tiny" is only for tests: as small as vLLM's CPU attention allows (head_dim 32), with as many
 LLM layers as DeepStack levels (DeepStack adds its features to the first k LLM layers).
+
+"qwen3vl-moe-tiny" is tiny with a Qwen3-MoE LLM, as Qwen3-VL-30B-A3B / 235B-A22B: every layer's
+MLP a sparse block (decoder_sparse_step 1, no mlp_only_layers) of `num_experts` experts of
+width `moe_intermediate_size`, `num_experts_per_tok` routed per token, their top-k weights
+renormalised (norm_topk_prob; 30B-A3B: 128 experts of 768, 8 per token; the vision tower is
+the dense releases'). Written by transformers' `Qwen3VLMoeForConditionalGeneration`.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ class Qwen3VLPreset:
     llm_max_position_embeddings: int
     mrope_section: tuple[int, int, int]  # (t, h, w) rotary pairs; sums to head_dim / 2
     tie_word_embeddings: bool
+    # Qwen3-MoE LLM (0 experts: the dense Qwen3 LLM)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
     # fixed by Qwen3-VL; kept here so token counts below are self-contained
     patch_size: int = 16
     temporal_patch_size: int = 2
@@ -64,6 +74,17 @@ class Qwen3VLPreset:
             raise ValueError("DeepStack needs at least one LLM layer per level")
         if round(self.num_position_embeddings**0.5) ** 2 != self.num_position_embeddings:
             raise ValueError(f"num_position_embeddings {self.num_position_embeddings} not square")
+        if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok {self.num_experts_per_tok} not in 1..{self.num_experts}"
+            )
+        if self.is_moe and self.moe_intermediate_size < 1:
+            raise ValueError("moe_intermediate_size: an MoE preset needs a positive width")
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the LLM is Qwen3-MoE (Qwen3-VL-30B-A3B's kind) rather than dense Qwen3."""
+        return self.num_experts > 0
 
     @property
     def feature_width(self) -> int:
@@ -107,6 +128,27 @@ QWEN3VL_PRESETS: dict[str, Qwen3VLPreset] = {
         llm_max_position_embeddings=16384,
         mrope_section=(12, 10, 10),
         tie_word_embeddings=True,  # as Qwen3-VL-2B
+    ),
+    "qwen3vl-moe-tiny": Qwen3VLPreset(
+        name="qwen3vl-moe-tiny",
+        vit_depth=4,
+        vit_hidden=64,
+        vit_heads=2,
+        vit_intermediate=128,
+        deepstack_visual_indexes=(0, 1, 2),
+        num_position_embeddings=256,
+        llm_hidden=64,
+        llm_layers=3,
+        llm_heads=2,
+        llm_kv_heads=1,
+        llm_head_dim=32,
+        llm_intermediate=128,  # unused by sparse layers; the releases keep the key
+        llm_max_position_embeddings=8192,
+        mrope_section=(6, 5, 5),
+        tie_word_embeddings=False,  # as 30B-A3B
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,  # 2 x 16 != 64: each expert tensor's orientation is plain
     ),
 }
 

@@ -56,12 +56,13 @@ INSTRUCT_SAMPLING = {
 def write_qwen3vl(out: Path, preset: Qwen3VLPreset, seed: int) -> None:
     """Writes every file of the checkpoint into the (empty) folder `out`."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    import transformers
 
     ids = write_qwen3vl_tokenizer_files(out, preset.llm_max_position_embeddings)
     config = qwen3vl_config(preset, ids)
+    model_class = getattr(transformers, _architecture(preset))
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(config)
+        model = model_class(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if preset.tie_word_embeddings:
         del shapes["lm_head.weight"]  # the embedding table, saved once
@@ -71,22 +72,54 @@ def write_qwen3vl(out: Path, preset: Qwen3VLPreset, seed: int) -> None:
     )
     if preset.tie_word_embeddings:
         model.tie_weights()
-    model.save_pretrained(out)
+    if preset.is_moe:
+        # Written exactly as given: transformers' own reversal would keep its in-memory
+        # orientation (see `release_experts`).
+        model.save_pretrained(
+            out, state_dict=release_experts(model.state_dict()), save_original_format=False
+        )
+    else:
+        model.save_pretrained(out)
     write_json(out / "config.json", release_config(preset, ids))
     write_json(out / "generation_config.json", generation_config(ids))
     write_json(out / "preprocessor_config.json", preprocessor_config(preset))
     write_json(out / "video_preprocessor_config.json", video_preprocessor_config(preset))
 
 
-def qwen3vl_config(preset: Qwen3VLPreset, ids: Qwen3VLTokenIds) -> Any:
-    """transformers' Qwen3VLConfig for the preset (the model is built from it)."""
-    from transformers import Qwen3VLConfig
+def _architecture(preset: Qwen3VLPreset) -> str:
+    """transformers' class (and config.json's architecture) of the preset's family."""
+    if preset.is_moe:
+        return "Qwen3VLMoeForConditionalGeneration"
+    return "Qwen3VLForConditionalGeneration"
 
-    return Qwen3VLConfig.from_dict(release_config(preset, ids))
+
+def qwen3vl_config(preset: Qwen3VLPreset, ids: Qwen3VLTokenIds) -> Any:
+    """transformers' Qwen3VLConfig (Qwen3VLMoeConfig) for the preset (the model is built
+    from it)."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    config_class = Qwen3VLMoeConfig if preset.is_moe else Qwen3VLConfig
+    return config_class.from_dict(release_config(preset, ids))
+
+
+def _moe_text_keys(preset: Qwen3VLPreset) -> dict[str, Any]:
+    """text_config's MoE keys as Qwen3-VL-30B-A3B-Instruct's config.json has them (written by
+    transformers 4.57's Qwen3VLMoeTextConfig): every layer sparse, top-k renormalised.
+    transformers 5.19's config class has no `norm_topk_prob` field (its router always
+    renormalises) but keeps the key; vLLM's Qwen3-MoE block reads it (`renormalize`)."""
+    return {
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": preset.moe_intermediate_size,
+        "norm_topk_prob": True,
+        "num_experts": preset.num_experts,
+        "num_experts_per_tok": preset.num_experts_per_tok,
+    }
 
 
 def release_config(preset: Qwen3VLPreset, ids: Qwen3VLTokenIds) -> dict[str, Any]:
     """config.json with the real releases' keys (and nesting), the preset's sizes."""
+    family = "qwen3_vl_moe" if preset.is_moe else "qwen3_vl"
     text = {
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -114,6 +147,9 @@ def release_config(preset: Qwen3VLPreset, ids: Qwen3VLTokenIds) -> dict[str, Any
         "use_cache": True,
         "vocab_size": ids.padded_vocab(),
     }
+    if preset.is_moe:
+        text = dict(sorted({**text, **_moe_text_keys(preset)}.items()))
+        text["model_type"] = "qwen3_vl_moe_text"
     vision = {
         "deepstack_visual_indexes": list(preset.deepstack_visual_indexes),
         "depth": preset.vit_depth,
@@ -122,8 +158,9 @@ def release_config(preset: Qwen3VLPreset, ids: Qwen3VLTokenIds) -> dict[str, Any
         "in_channels": 3,
         "initializer_range": 0.02,
         "intermediate_size": preset.vit_intermediate,
-        # The releases say "qwen3_vl" here; transformers reads it as qwen3_vl_vision.
-        "model_type": "qwen3_vl",
+        # The releases say "qwen3_vl" ("qwen3_vl_moe") here; transformers reads it as
+        # qwen3_vl_vision (qwen3_vl_moe_vision).
+        "model_type": family,
         "num_heads": preset.vit_heads,
         "num_position_embeddings": preset.num_position_embeddings,
         "out_hidden_size": preset.llm_hidden,
@@ -132,9 +169,9 @@ def release_config(preset: Qwen3VLPreset, ids: Qwen3VLTokenIds) -> dict[str, Any
         "temporal_patch_size": preset.temporal_patch_size,
     }
     return {
-        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "architectures": [_architecture(preset)],
         "image_token_id": ids.image_pad,
-        "model_type": "qwen3_vl",
+        "model_type": family,
         "text_config": text,
         "tie_word_embeddings": preset.tie_word_embeddings,
         "transformers_version": RELEASE_TRANSFORMERS_VERSION,
@@ -142,6 +179,20 @@ def release_config(preset: Qwen3VLPreset, ids: Qwen3VLTokenIds) -> dict[str, Any
         "vision_config": vision,
         "vision_end_token_id": ids.vision_end,
         "vision_start_token_id": ids.vision_start,
+    }
+
+
+def release_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the fused experts as the MoE releases store them: gate_up_proj (E,
+    hidden, 2 x moe_inter) and down_proj (E, moe_inter, hidden), the transpose of how
+    transformers 5.19 holds them. vLLM loads that orientation (is_fused_checkpoint_transposed)
+    and transformers' loader transposes it back (conversion_mapping "qwen3_vl_moe",
+    Transpose(1, 2, check_dims=True)); but on save that reversal compares each tensor with
+    the model's own shape, finds them equal and never transposes, so save_pretrained alone
+    would write the in-memory orientation, which vLLM mis-reads."""
+    return {
+        name: t.transpose(1, 2).contiguous() if ".mlp.experts." in name else t
+        for name, t in state.items()
     }
 
 
@@ -211,6 +262,8 @@ def random_state(
             state[name] = noise
         elif name.endswith("pos_embed.weight"):
             state[name] = noise * 0.5
+        elif ".mlp.experts." in name:  # (experts, out, in) as transformers holds them
+            state[name] = noise / math.sqrt(shape[-1])
         else:  # linear layers and the patch embedding's Conv3d: fan_in = all but dim 0
             state[name] = noise / math.sqrt(math.prod(shape[1:]))
     head = "model.language_model.embed_tokens.weight"
