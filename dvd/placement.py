@@ -17,13 +17,14 @@ So by default, on a CPU host:
 - the gateway is neither pinned nor lowered: it is light and on every request's path.
 
 Measured on a 2-CPU host (`dvd bench compare --systems vllm,dvd-up`, small preset, c=8,
-448-896 px images; round-by-round figures in benchmarks/results/ttft-cpu/): unplaced, a
+448-896 px images; the committed report is benchmarks/results/ttft-cpu/): unplaced, a
 half/half split and this placement gave 1.33, 1.31 and 1.66 requests/s and a median TTFT of
-4.7, 4.8 and 3.3 s (a lower language priority than +5 gave no further gain).
+4.7, 4.8 and 3.3-4.0 s (a lower language priority than +5 gave no further gain).
 
 `--vision-cpus` / `--language-cpus` replace the default (a tier not named then runs on any
 CPU, at normal priority, as before); `--cpu-placement off` turns it off. With --coupled or
-on a GPU host (the servers compute on their devices) nothing is placed; with a single CPU
+on a host with a GPU (vLLM computes there, and so do the vision servers unless told
+otherwise) nothing is placed; with a single CPU
 nothing is pinned and every vision pool gets one thread.
 """
 
@@ -33,7 +34,8 @@ import os
 from dataclasses import dataclass, field
 
 LANGUAGE_SHARE = 0.5
-"""The language server's share of the CPUs (the last ones, at least one). Per request, the
+"""The language server's share of the CPUs (the last ones, rounded down, at least one): 1 of
+2 or 3, 2 of 4 or 5. Per request, the
 ViT and the LLM's prefill and decode cost about the same CPU time on the small preset with
 448-896 px images (one core: 0.47 s of ViT, about 0.5 s of LLM)."""
 LANGUAGE_NICE = 5
@@ -104,6 +106,8 @@ def format_cpus(cpus: frozenset[int] | set[int] | list[int]) -> str:
 
 def split_consecutive(cpus: set[int] | frozenset[int], parts: int) -> list[frozenset[int]]:
     """Consecutive, nearly equal shares of `cpus`, one per part; no CPUs: no shares."""
+    if parts < 1:
+        raise ValueError(f"cannot split CPUs among {parts} vision servers")
     ordered = sorted(cpus)
     if not ordered:
         return [frozenset() for _ in range(parts)]
@@ -122,7 +126,8 @@ def _pinned(
     visions: list[str], vision_cpus: set[int], language_cpus: set[int], how: str
 ) -> Placement:
     cpus: dict[str, frozenset[int]] = {}
-    for name, share in zip(visions, split_consecutive(vision_cpus, len(visions)), strict=True):
+    shares = split_consecutive(vision_cpus, len(visions)) if visions else []
+    for name, share in zip(visions, shares, strict=True):
         if share:
             cpus[name] = share
     if language_cpus:
@@ -144,6 +149,8 @@ def plan(
     """The placement of `visions` (vision child names) and "language" on `available` CPUs."""
     if mode not in MODES:
         raise ValueError(f"cpu_placement: {mode!r} is not one of {', '.join(MODES)}")
+    if coupled and vision_cpus:
+        raise ValueError("vision_cpus: no vision server runs with --coupled; use --language-cpus")
     if vision_cpus or language_cpus:
         return _pinned(visions, vision_cpus or set(), language_cpus or set(), "your CPU lists")
     if mode == "off":
@@ -160,7 +167,7 @@ def plan(
         return Placement(
             {}, dict.fromkeys(visions, 1), how="more vision replicas than CPUs: not pinned"
         )
-    language_count = max(1, round(len(ordered) * LANGUAGE_SHARE))
+    language_count = max(1, int(len(ordered) * LANGUAGE_SHARE))
     placed = _pinned(visions, set(ordered), set(ordered[-language_count:]), "")
     how = (
         f"default for {len(ordered)} CPUs: vision servers on all of them, the language "

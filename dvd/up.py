@@ -404,9 +404,11 @@ def commands(
 def child_env(
     name: str, args: argparse.Namespace, placed: placement.Placement
 ) -> dict[str, str] | None:
-    """Ours, plus the thread counts of `name`'s placement; the gateway's also carries
+    """Ours, plus the thread counts of `name`'s placement (unless set in ours); the
+    gateway's also carries
     `--api-key` (argv is logged and world-readable). None: ours unchanged."""
-    extra = placed.env(name)
+    # thread counts you exported yourself win over the placement's
+    extra = {key: value for key, value in placed.env(name).items() if key not in os.environ}
     if name == "gateway" and args.api_key:
         extra[env_name("gateway", "--api-key")] = shlex.join(args.api_key)
     return {**os.environ, **extra} if extra else None
@@ -418,12 +420,12 @@ def place(args: argparse.Namespace) -> placement.Placement:
     vision_cpus = placement.parse_cpus(args.vision_cpus)
     language_cpus = placement.parse_cpus(args.language_cpus)
     explicit = bool(vision_cpus or language_cpus)
-    on_gpu = False
-    if not explicit and args.cpu_placement == "auto" and not args.coupled:
-        devices = vision_devices(args.vision_device, args.vision_replicas)
-        on_gpu = any(d.startswith("cuda") for d in devices) or (
-            "auto" in devices and gpu_count() > 0
-        )
+    # vLLM computes on a GPU whenever it sees one, so any GPU turns CPU placement off.
+    on_gpu = not explicit and args.cpu_placement == "auto" and not args.coupled
+    on_gpu = on_gpu and (
+        any(d.startswith("cuda") for d in vision_devices(args.vision_device, args.vision_replicas))
+        or gpu_count() > 0
+    )
     return placement.plan(
         visions,
         placement.available_cpus(),

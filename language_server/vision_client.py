@@ -370,7 +370,7 @@ class VisionPool:
                     tokens_per_tile=[list(plans[i].tokens_per_tile) for i in sorted(plans)],
                     grids=[tuple(plans[i].grid_thw) for i in sorted(plans)],
                     content_keys=[plans[i].content_key for i in sorted(plans)],
-                    timestamps=[tuple(plans[i].timestamps) for i in sorted(plans)],
+                    timestamps=[tuple(plans[i].patch_times_s) for i in sorted(plans)],
                     preprocess_ns=timings.preprocess_ns,
                     queue_ns=timings.queue_ns,
                     encode_ns=timings.encode_ns,

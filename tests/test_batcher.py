@@ -146,9 +146,10 @@ def test_vir_is_computed_for_a_batch_when_any_run_asks_and_split_runs_share_canc
 
 
 def test_batches_shrink_to_the_latency_target_once_the_time_per_tile_is_known() -> None:
-    """The first batch fills up to max_batch_tiles (nothing measured yet); after it, a
-    batch holds what fits 50 ms at the measured time per tile (this ViT takes 20 ms or
-    more per tile), so the rest of the queue goes two tiles at a time, in order."""
+    """The first two batches fill up to max_batch_tiles (the first, cold, is not counted;
+    nothing is measured before the second); after them, a batch holds what fits 50 ms at
+    the measured time per tile (this ViT takes 20 ms or more per tile), so the rest of the
+    queue goes two tiles at a time, in order."""
 
     async def scenario() -> None:
         batches: list[int] = []
@@ -161,12 +162,12 @@ def test_batches_shrink_to_the_latency_target_once_the_time_per_tile_is_known() 
         batcher = TileBatcher(vit, max_batch_tiles=8, max_wait_ms=0, max_batch_ms=50)
         batcher.start()
         sink: asyncio.Queue = asyncio.Queue()
-        run = make_run("a", 16, sink, 1.0)
+        run = make_run("a", 24, sink, 1.0)
         batcher.submit(run)
-        results = await drain(sink, 16)
+        results = await drain(sink, 24)
         await batcher.stop()
-        assert batches[0] == 8 and sum(batches) == 16
-        assert all(1 <= size <= 2 for size in batches[1:])
+        assert batches[:2] == [8, 8] and sum(batches) == 24
+        assert all(1 <= size <= 2 for size in batches[2:])
         assert [r.first_tile for r in results] == sorted(r.first_tile for r in results)
         merged = TileFeatures.cat([r.features for r in results])
         assert torch.equal(merged.quarter, fake_vit(run.pixel_values).quarter)
@@ -179,6 +180,8 @@ def test_batch_sizer_learns_the_time_per_unit() -> None:
 
     sizer = BatchSizer(max_units=32, target_ms=250)
     assert sizer.capacity() == 32  # nothing measured yet
+    sizer.observe(1, 5.0)  # the cold first batch is not counted
+    assert sizer.capacity() == 32
     sizer.observe(8, 0.4)  # 50 ms per unit
     assert sizer.capacity() == 5
     sizer.observe(1, 0.01)  # a fast batch moves the average by SMOOTHING of the gap
@@ -186,12 +189,15 @@ def test_batch_sizer_learns_the_time_per_unit() -> None:
     sizer.observe(0, 1.0)  # nothing encoded (all from the cache): no sample
     assert sizer.capacity() == int(0.25 / sizer.seconds_per_unit)
     slow = BatchSizer(max_units=32, target_ms=10)
+    slow.observe(1, 1.0)  # cold
     slow.observe(1, 1.0)
     assert slow.capacity() == 1  # never below one unit
     fast = BatchSizer(max_units=32, target_ms=250)
+    fast.observe(1, 1.0)  # cold
     fast.observe(32, 0.032)
     assert fast.capacity() == 32  # never above the maximum
     unbounded = BatchSizer(max_units=32, target_ms=0)
+    unbounded.observe(1, 1.0)  # cold
     unbounded.observe(1, 10.0)
     assert unbounded.capacity() == 32
     with pytest.raises(ValueError, match="must not be negative"):

@@ -1227,3 +1227,22 @@ def test_compose_services_serve_a_chat_as_local_processes(
         raise
     finally:
         stop(started)
+
+
+def test_thread_pools_follow_the_cpu_limits() -> None:
+    """In the Kubernetes manifests each server's thread pool is sized from its CPU limit,
+    and vLLM binds no threads to CPU ids (which a pod on the shared pool sees all of).
+    Compose sets no CPU limits by default (deploy/README.md says how to add them)."""
+    base = K8S / "base"
+    envs = {}
+    for name in ("vision", "language"):
+        (deployment,) = [
+            d
+            for d in yaml.safe_load_all((base / f"{name}.yaml").read_text())
+            if d and d["kind"] == "Deployment"
+        ]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        envs[name] = {e["name"]: e for e in container.get("env", [])}
+        source = envs[name]["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]
+        assert (source["containerName"], source["resource"]) == (name, "limits.cpu"), name
+    assert envs["language"]["VLLM_CPU_OMP_THREADS_BIND"]["value"] == "nobind"

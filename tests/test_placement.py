@@ -27,6 +27,8 @@ def test_consecutive_shares() -> None:
     assert split_consecutive(set(), 3) == [set(), set(), set()]
     with pytest.raises(ValueError, match="cannot be split among 2"):
         split_consecutive({0}, 2)
+    with pytest.raises(ValueError, match="among 0 vision servers"):
+        split_consecutive({0, 1}, 0)
 
 
 def test_two_cpus_vision_on_both_language_on_the_last_at_lower_priority() -> None:
@@ -49,9 +51,9 @@ def test_replicas_split_every_cpu_and_the_language_server_takes_the_last_half() 
     assert placed.cpus["vision-2"] == set(range(8, 16))
     assert placed.cpus["language"] == set(range(8, 16))
     assert placed.threads == {"vision-1": 8, "vision-2": 8}
-    # an odd count: round half to even (4.5 -> 4)
+    # an odd count: the language server's half is rounded down
     assert len(plan(["vision"], set(range(9))).cpus["language"]) == 4
-    assert plan(["vision"], set(range(3))).cpus["language"] == {1, 2}
+    assert plan(["vision"], set(range(3))).cpus["language"] == {2}
 
 
 def test_more_replicas_than_cpus_are_not_pinned() -> None:
@@ -79,8 +81,13 @@ def test_cpu_lists_given_replace_the_split() -> None:
     # explicit lists win even where the default would not pin (off, GPU host)
     both = plan(["vision"], {0, 1}, mode="off", vision_cpus={0}, language_cpus={0, 1})
     assert both.cpus == {"vision": {0}, "language": {0, 1}}
+    on_gpu = plan(["vision"], {0, 1}, gpu_host=True, language_cpus={1})
+    assert on_gpu.cpus == {"language": {1}}
+    # coupled: no vision server, so only the language server's list means anything
+    assert plan([], {0, 1}, coupled=True, language_cpus={0}).cpus == {"language": {0}}
+    with pytest.raises(ValueError, match="no vision server runs with --coupled"):
+        plan([], {0, 1}, coupled=True, vision_cpus={0})
 
 
 def test_an_unplaced_child_keeps_its_defaults() -> None:
     assert Placement().env("vision") == {} and Placement().describe() == []
-    assert placement.available_cpus()  # this process may run somewhere

@@ -331,9 +331,9 @@ def test_a_video_is_one_item_with_its_times(
     t = (count + 1) // 2
     assert list(plan.grid_thw) == list(expected.grid_thw) and plan.grid_thw[0] == t
     # exact: the prompt prints each time to one decimal, as transformers does from doubles
-    assert tuple(plan.timestamps) == expected.timestamps and len(plan.timestamps) == t
+    assert tuple(plan.patch_times_s) == expected.timestamps and len(plan.patch_times_s) == t
     if count == 5:  # the last patch is frame 4 twice
-        assert list(plan.timestamps) == pytest.approx([0.45, 0.65, 0.8])
+        assert list(plan.patch_times_s) == pytest.approx([0.45, 0.65, 0.8])
     assert plan.tokens_per_tile[0] == config.tokens_of_grid(*expected.grid_thw)
     [encoded] = encoder.encode([expected])
     torch.testing.assert_close(_rows(first)[1], encoded.features, rtol=0, atol=0)

@@ -33,8 +33,9 @@ def assert_placed_by_default(roles: dict[str, psutil.Process], log: str) -> None
     """Each child runs where and at the priority dvd.placement's default plan for this
     machine gives it, vLLM's engine processes inherit both, and the log says so."""
     from dvd.placement import available_cpus, plan
+    from dvd.up import gpu_count
 
-    placed = plan(["vision"], available_cpus())
+    placed = plan(["vision"], available_cpus(), gpu_host=gpu_count() > 0)
     assert f"CPU placement: {placed.how}" in log
     for role, process in roles.items():
         want = placed.cpus.get(role) or available_cpus()
@@ -42,7 +43,8 @@ def assert_placed_by_default(roles: dict[str, psutil.Process], log: str) -> None
         nice = psutil.Process().nice() + placed.nice.get(role, 0)
         assert process.nice() == nice, role
         for descendant in process.children(recursive=True):
-            assert set(descendant.cpu_affinity()) == want, (role, descendant.cmdline())
+            # within the child's CPUs: vLLM's engine may bind itself to fewer of them
+            assert set(descendant.cpu_affinity()) <= want, (role, descendant.cmdline())
             assert descendant.nice() == nice, (role, descendant.cmdline())
         ours = os.environ.get("OMP_NUM_THREADS")
         want_threads = placed.env(role).get("OMP_NUM_THREADS", ours)

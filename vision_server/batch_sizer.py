@@ -7,7 +7,9 @@ it does not (a CPU, about the same time per tile at any size) the target keeps b
 small, and the requests at the head of the queue finish first instead of everyone late.
 
 The time per unit (tile or patch) is learnt from the batches run, as a moving average of
-batch time / units; until the first batch the cap is the configured maximum. Only the cap
+batch time / units; the first batch is not counted (it pays one-off costs: kernel
+selection, allocator growth, a GPU's lazy start, ten times a later one's), and until the
+second the cap is the configured maximum. Only the cap
 moves: the queue's bound and the maximum batch stay as configured. Measured on 2 CPUs
 (`dvd bench compare --systems vllm,dvd-up`, c=8, 448-896 px images): 32-tile batches gave
 1.3 req/s, 4-tile (~270 ms) batches 1.6 req/s.
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 DEFAULT_MAX_BATCH_MS = 250.0
 """The default target. On a CPU a tile costs about the same in any batch, so this keeps
-batches to a few tiles (about 4 of the small preset's, 67 ms each on one core); a GPU's
-batches stay at --max-batch-tiles."""
+batches to a few tiles (the small preset's: 3 at 67 ms each on one core, about 6 on two);
+a GPU's batches stay at --max-batch-tiles. 100 ms (one tile) and 500 ms gave a later
+median first token on 2 CPUs (README, "Time to first token under load")."""
 SMOOTHING = 0.3
 """Weight of the newest batch in the moving average of seconds per unit."""
 
@@ -32,6 +35,7 @@ class BatchSizer:
         self.max_units = max_units
         self.target_s = target_ms / 1000.0
         self.seconds_per_unit: float | None = None
+        self._warm = False  # whether the first (cold) batch has been seen
 
     def capacity(self) -> int:
         """Units the next batch may hold: at least 1, at most max_units (0 ms: no target)."""
@@ -42,6 +46,9 @@ class BatchSizer:
     def observe(self, units: int, seconds: float) -> None:
         """A batch of `units` took `seconds`."""
         if units < 1 or seconds <= 0:
+            return
+        if not self._warm:
+            self._warm = True
             return
         sample = seconds / units
         previous = self.seconds_per_unit

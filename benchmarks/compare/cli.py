@@ -256,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
             if not s["ok"] or s.get("errors")
         }
     )
-    print(f"report: {out}/report.md (and report.json, plots)", flush=True)
+    where = "report.json, plots" if args.rounds == 1 else "report.json; plots in round-*/"
+    print(f"report: {out}/report.md ({where})", flush=True)
     if failed:
         print(f"not measured cleanly: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

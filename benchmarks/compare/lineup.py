@@ -150,10 +150,9 @@ def dvd_argv(
         "--log-level",
         "warning",
     ]
-    if not spec.pinnable:
-        pass
-    elif pinning.enabled and spec.coupled:
+    pinned = pinning.enabled and spec.pinnable
+    if pinned and spec.coupled:
         flags += ["--language-cpus", pinning.coupled]
-    elif pinning.enabled:
+    elif pinned:
         flags += ["--vision-cpus", pinning.vision, "--language-cpus", pinning.language]
     return dvd_up_argv(model, port, *flags, *spec.dvd_flags)

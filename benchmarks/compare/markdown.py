@@ -15,11 +15,11 @@ PLOTS = {
 }
 
 
-def _num(value: float | None, digits: int = 1) -> str:
+def number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _ratio(value: float | None) -> str:
+def ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
@@ -28,15 +28,15 @@ def _figure_row(name: str, figs: dict[str, Any], base: str) -> str:
     ratios = figs.get(f"ratio_to_{base}") or {}
     cells = [
         name,
-        _num(figs["request_throughput"], 2),
-        _num(figs["output_throughput"], 1),
-        *(_num(ttft[s], 0) for s in ("mean", "p50", "p90", "p99")),
-        *(_num(tpot[s], 1) for s in ("mean", "p50", "p90", "p99")),
+        number(figs["request_throughput"], 2),
+        number(figs["output_throughput"], 1),
+        *(number(ttft[s], 0) for s in ("mean", "p50", "p90", "p99")),
+        *(number(tpot[s], 1) for s in ("mean", "p50", "p90", "p99")),
         str(figs["errors"]),
-        _ratio(ratios.get("request_throughput")),
-        _ratio(ratios.get("output_throughput")),
-        _ratio((ratios.get("ttft_ms") or {}).get("mean")),
-        _ratio((ratios.get("tpot_ms") or {}).get("mean")),
+        ratio(ratios.get("request_throughput")),
+        ratio(ratios.get("output_throughput")),
+        ratio((ratios.get("ttft_ms") or {}).get("mean")),
+        ratio((ratios.get("tpot_ms") or {}).get("mean")),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -108,8 +108,8 @@ def _stages_table(report: dict[str, Any]) -> list[str]:
             if not level:
                 continue
             stages = level.get("stages_ms") or {}
-            cells = [_num((stages.get(s) or {}).get("mean")) for s in DVD_STAGES]
-            cells.append(_num(level.get("transfer_exposed_ms")))
+            cells = [number((stages.get(s) or {}).get("mean")) for s in DVD_STAGES]
+            cells.append(number(level.get("transfer_exposed_ms")))
             lines.append(f"| {name} | {c} | " + " | ".join(cells) + " |")
     return lines
 

@@ -57,17 +57,9 @@ def _mean(values: list[float | None]) -> float | None:
     return mean(present) if present and len(present) == len(values) else None
 
 
-def _cell(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
 def render_summary(summary: dict[str, Any], first_round: dict[str, Any], command: str) -> str:
     """Markdown: context from round 1, then one table per level with a row per round."""
-    from benchmarks.compare.markdown import context_lines
+    from benchmarks.compare.markdown import context_lines, number, ratio
 
     lines = ["# dvd bench compare: summary of alternated rounds", ""]
     if command:
@@ -95,20 +87,20 @@ def render_summary(summary: dict[str, Any], first_round: dict[str, Any], command
                     continue
                 ttft, tpot = row["ttft_ms"], row["tpot_ms"]
                 lines.append(
-                    f"| {index + 1} | {name} | {_cell(row['request_throughput'], 3)} | "
-                    + " | ".join(_cell(ttft[s], 0) for s in HEADLINE_STATS)
+                    f"| {index + 1} | {name} | {number(row['request_throughput'], 3)} | "
+                    + " | ".join(number(ttft[s], 0) for s in HEADLINE_STATS)
                     + " | "
-                    + " | ".join(_cell(tpot[s], 1) for s in HEADLINE_STATS)
-                    + f" | {row['errors']} | {_ratio(row['throughput_ratio'])} | "
-                    f"{_ratio(row['ttft_p50_ratio'])} |"
+                    + " | ".join(number(tpot[s], 1) for s in HEADLINE_STATS)
+                    + f" | {row['errors']} | {ratio(row['throughput_ratio'])} | "
+                    f"{ratio(row['ttft_p50_ratio'])} |"
                 )
         means = summary["mean_ratios"][c]
         lines += [
             "",
             "Mean over rounds: "
             + "; ".join(
-                f"{name} req/s {_ratio(m['throughput_ratio'])}, TTFT p50 "
-                f"{_ratio(m['ttft_p50_ratio'])}"
+                f"{name} req/s {ratio(m['throughput_ratio'])}, TTFT p50 "
+                f"{ratio(m['ttft_p50_ratio'])}"
                 for name, m in means.items()
             ),
             "",

@@ -275,7 +275,7 @@ class Qwen3VLVisionService(VisionServiceBase[CallState]):
             modality=vision_pb2.MODALITY_VIDEO if item.is_video else vision_pb2.MODALITY_IMAGE,
             grid_thw=[t, h, w],
             deepstack_levels=self.encoder.config.vision.deepstack_levels,
-            timestamps=times,
+            patch_times_s=times,
             content_key=item.key,
         )
 
