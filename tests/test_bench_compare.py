@@ -554,6 +554,7 @@ def test_rounds_are_summarised_against_their_own_baseline() -> None:
     text = render_summary(summary, rounds[0], "dvd bench compare --rounds 2")
     assert "| 2 | dvd-up | 1.300 | 3000 | 6000 | 9000 |" in text
     assert "dvd-up req/s 1.40x, TTFT p50 0.62x" in text
+    assert "| 2 | dvd-up | 8 | - | - | 300.0 |" in text  # the stage table: encode only
 
 
 @pytest.mark.slow

@@ -82,8 +82,9 @@ def context_lines(report: dict[str, Any]) -> list[str]:
         lines.append("- **Pinning**: none.")
     if "dvd-up" in report.get("systems", {}):
         lines.append(
-            "- **dvd-up** gets no placement flags from the benchmark: `dvd up` splits the CPUs "
-            "between its servers and sets their thread counts itself (its log says how)."
+            "- **dvd-up** gets no placement flags from the benchmark: `dvd up` places its "
+            "servers on the CPUs, sets their thread counts and priorities itself (its log "
+            "says how; see dvd/placement.py)."
         )
     return lines
 

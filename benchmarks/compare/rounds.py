@@ -105,4 +105,31 @@ def render_summary(summary: dict[str, Any], first_round: dict[str, Any], command
             ),
             "",
         ]
+    lines += _stage_lines(summary)
     return "\n".join(lines) + "\n"
+
+
+def _stage_lines(summary: dict[str, Any]) -> list[str]:
+    """Mean ms per stage, per round and level, for the systems that report stages (dvd's
+    own; vLLM's queue / prefill / decode too, with the ViT inside its prefill)."""
+    from benchmarks.compare.markdown import number
+    from benchmarks.compare.stages import DVD_STAGES
+
+    lines = [
+        "## Where the time goes (mean ms per request, per stage)",
+        "",
+        "dvd: the gateway's stage histograms (queue = waiting in the ViT batcher); vLLM: its "
+        "queue, prefill (the ViT included) and decode. Stages before the first token: queue, "
+        "preprocess, encode, transfer (overlaps queue and encode), prompt, prefill.",
+        "",
+        "| round | system | concurrency | " + " | ".join(DVD_STAGES) + " |",
+        "|" + " --- |" * (len(DVD_STAGES) + 3),
+    ]
+    for c, systems in summary["levels"].items():
+        for index in range(summary["rounds"]):
+            for name, rows in systems.items():
+                stages = (rows[index] or {}).get("stages_ms") or {}
+                if stages:
+                    cells = [number(stages.get(stage)) for stage in DVD_STAGES]
+                    lines.append(f"| {index + 1} | {name} | {c} | " + " | ".join(cells) + " |")
+    return lines
