@@ -131,6 +131,7 @@ def test_config_refuses_bad_keys_without_showing_them(tmp_path: Path) -> None:
 
 
 def test_cli_and_up_pass_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from dvd.placement import Placement
     from dvd.up import child_env
     from dvd.up import register as register_up
     from gateway.cli import config_from_args, register
@@ -145,9 +146,10 @@ def test_cli_and_up_pass_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     up_parser = argparse.ArgumentParser(prog="dvd")
     register_up(up_parser.add_subparsers())
     up_args = up_parser.parse_args(["up", "--api-key", "sk-up"])
-    env = child_env("gateway", up_args)
+    unplaced = Placement()
+    env = child_env("gateway", up_args, unplaced)
     assert env is not None and env["DVD_GATEWAY_API_KEY"] == "sk-up"
-    assert child_env("language", up_args) is None
+    assert child_env("language", up_args, unplaced) is None
 
 
 def test_real_gateway_process_openai_client_and_sighup(

@@ -322,7 +322,7 @@ def test_a_video_is_one_item_with_its_times(
 
     first, other = asyncio.run(run())
     image_plan, plan = [m.plan for m in first if m.HasField("plan")]
-    assert image_plan.modality == vision_pb2.MODALITY_IMAGE and not image_plan.timestamps
+    assert image_plan.modality == vision_pb2.MODALITY_IMAGE and not image_plan.patch_times_s
     assert plan.modality == vision_pb2.MODALITY_VIDEO and plan.image_index == 1
     pixels = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in frames]
     if count == 1:
