@@ -9,23 +9,20 @@ server, so both modes produce the same features from the same images.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-import grpc
-
 from dvd.deadline import Deadline
-from dvd.errors import DvdError, InvalidInput
+from dvd.errors import InvalidInput
 from dvd.vir_mode import VirMode
 from language_server.image_features import EncodedImages, VisualItem
+from language_server.in_process_vision import InProcessVision
 from vision_server.encoder import TilingLimits, VisionEncoder
 from vision_server.tile_features import TileFeatures, select_rows
 
 
-class CoupledVision:
+class CoupledVision(InProcessVision):
     def __init__(
         self,
         encoder: VisionEncoder,
@@ -38,7 +35,7 @@ class CoupledVision:
         self.max_batch_tiles = max_batch_tiles
         self.default_mode = default_mode or encoder.default_mode()
         encoder.check_mode(self.default_mode)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coupled-vit")
+        super().__init__()
 
     def _encode_all(
         self, images: list[bytes], mode: VirMode, max_tiles: Sequence[int]
@@ -80,35 +77,11 @@ class CoupledVision:
         files = [item for item in images if isinstance(item, bytes)]
         if len(files) != len(images):  # InternVL's prompt sends a video's frames as images
             raise InvalidInput("InternVL takes no video items, only a video's frames as images")
-        mode = mode or self.default_mode
-        self.encoder.check_mode(mode)
-        queued = time.monotonic_ns()
-        loop = asyncio.get_running_loop()
-
-        def timed() -> EncodedImages:
-            if deadline.expired():  # it waited for the worker past its deadline
-                raise DvdError(
-                    "the request's deadline passed before its images were encoded",
-                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
-                )
-            started = time.monotonic_ns()
-            result = self._encode_all(files, mode, max_tiles)
-            result.queue_ns = started - queued
-            return result
-
+        chosen = mode or self.default_mode
+        self.encoder.check_mode(chosen)
         try:
-            return await loop.run_in_executor(self._executor, timed)
+            return await self.run_encode(
+                deadline, lambda: self._encode_all(files, chosen, max_tiles)
+            )
         except ValueError as exc:  # e.g. a mode the checkpoint cannot serve
             raise InvalidInput(str(exc)) from None
-
-    async def start(self) -> None:
-        """Nothing to connect to: the vision model is in this process."""
-
-    def member_addresses(self) -> list[str]:
-        return []
-
-    async def healthy(self) -> list[tuple[str, bool]]:
-        return []
-
-    async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -5,17 +5,13 @@ vLLM the same rows under the same multi_modal_uuids and times."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-
-import grpc
 
 from dvd.deadline import Deadline
-from dvd.errors import DvdError
 from dvd.vir_mode import VirMode
 from language_server.image_features import EncodedImages, VideoClip, VisualItem
+from language_server.in_process_vision import InProcessVision
 from vision_server.qwen3vl.encoder import Qwen3VLEncoder
 from vision_server.qwen3vl.preprocess import VisionInput, preprocess_image
 from vision_server.qwen3vl.processor_config import ProcessorConfig, VideoProcessorConfig
@@ -24,7 +20,7 @@ from vision_server.qwen3vl.video_item import clip, clip_content_key, preprocess_
 from vision_server.tiling import decode_image
 
 
-class Qwen3VLCoupledVision:
+class Qwen3VLCoupledVision(InProcessVision):
     def __init__(
         self,
         encoder: Qwen3VLEncoder,
@@ -37,7 +33,7 @@ class Qwen3VLCoupledVision:
         self.video = video
         self.max_image_pixels = max_image_pixels
         self._salt = key_salt(encoder, processor, video, "pil")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coupled-vit")
+        super().__init__()
 
     def _preprocess(self, item: VisualItem) -> tuple[VisionInput, str]:
         """An item's patches and content key, as the vision server makes them."""
@@ -72,29 +68,4 @@ class Qwen3VLCoupledVision:
         deadline: Deadline = Deadline(),
         max_tiles: Sequence[int] = (),  # InternVL's per-image tile bound: no tiles here
     ) -> EncodedImages:
-        queued = time.monotonic_ns()
-
-        def timed() -> EncodedImages:
-            if deadline.expired():
-                raise DvdError(
-                    "the request's deadline passed before its images were encoded",
-                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
-                )
-            started = time.monotonic_ns()
-            result = self._encode_all(images)
-            result.queue_ns = started - queued
-            return result
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
-
-    async def start(self) -> None:
-        """Nothing to connect to: the tower is in this process."""
-
-    def member_addresses(self) -> list[str]:
-        return []
-
-    async def healthy(self) -> list[tuple[str, bool]]:
-        return []
-
-    async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        return await self.run_encode(deadline, lambda: self._encode_all(images))
