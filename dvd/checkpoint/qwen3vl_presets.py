@@ -26,7 +26,7 @@ the dense releases'). Written by transformers' `Qwen3VLMoeForConditionalGenerati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dvd.checkpoint.presets import check_attention_shapes
 
@@ -92,25 +92,28 @@ class Qwen3VLPreset:
         return self.llm_hidden * (1 + len(self.deepstack_visual_indexes))
 
 
+_TINY = Qwen3VLPreset(
+    name="qwen3vl-tiny",
+    vit_depth=4,
+    vit_hidden=64,
+    vit_heads=2,
+    vit_intermediate=128,
+    deepstack_visual_indexes=(0, 1, 2),
+    num_position_embeddings=256,
+    llm_hidden=64,
+    llm_layers=3,
+    llm_heads=2,
+    llm_kv_heads=1,
+    llm_head_dim=32,
+    llm_intermediate=128,
+    llm_max_position_embeddings=8192,
+    mrope_section=(6, 5, 5),
+    tie_word_embeddings=False,
+)
+
+
 QWEN3VL_PRESETS: dict[str, Qwen3VLPreset] = {
-    "qwen3vl-tiny": Qwen3VLPreset(
-        name="qwen3vl-tiny",
-        vit_depth=4,
-        vit_hidden=64,
-        vit_heads=2,
-        vit_intermediate=128,
-        deepstack_visual_indexes=(0, 1, 2),
-        num_position_embeddings=256,
-        llm_hidden=64,
-        llm_layers=3,
-        llm_heads=2,
-        llm_kv_heads=1,
-        llm_head_dim=32,
-        llm_intermediate=128,
-        llm_max_position_embeddings=8192,
-        mrope_section=(6, 5, 5),
-        tie_word_embeddings=False,
-    ),
+    "qwen3vl-tiny": _TINY,
     "qwen3vl-small": Qwen3VLPreset(
         name="qwen3vl-small",
         vit_depth=6,
@@ -129,23 +132,12 @@ QWEN3VL_PRESETS: dict[str, Qwen3VLPreset] = {
         mrope_section=(12, 10, 10),
         tie_word_embeddings=True,  # as Qwen3-VL-2B
     ),
-    "qwen3vl-moe-tiny": Qwen3VLPreset(
+    # tiny's vision tower and attention with sparse layers: the LLM's MLPs become 8 experts
+    "qwen3vl-moe-tiny": replace(
+        _TINY,
         name="qwen3vl-moe-tiny",
-        vit_depth=4,
-        vit_hidden=64,
-        vit_heads=2,
-        vit_intermediate=128,
-        deepstack_visual_indexes=(0, 1, 2),
-        num_position_embeddings=256,
-        llm_hidden=64,
-        llm_layers=3,
-        llm_heads=2,
-        llm_kv_heads=1,
-        llm_head_dim=32,
-        llm_intermediate=128,  # unused by sparse layers; the releases keep the key
-        llm_max_position_embeddings=8192,
-        mrope_section=(6, 5, 5),
-        tie_word_embeddings=False,  # as 30B-A3B
+        # llm_intermediate stays: unused by sparse layers, but the releases keep the key;
+        # tie_word_embeddings stays False, as 30B-A3B
         num_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=16,  # 2 x 16 != 64: each expert tensor's orientation is plain
