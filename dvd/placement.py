@@ -123,7 +123,11 @@ def split_consecutive(cpus: set[int] | frozenset[int], parts: int) -> list[froze
 
 
 def _pinned(
-    visions: list[str], vision_cpus: set[int], language_cpus: set[int], how: str
+    visions: list[str],
+    vision_cpus: set[int],
+    language_cpus: set[int],
+    how: str,
+    language_nice: int = 0,
 ) -> Placement:
     cpus: dict[str, frozenset[int]] = {}
     shares = split_consecutive(vision_cpus, len(visions)) if visions else []
@@ -133,7 +137,8 @@ def _pinned(
     if language_cpus:
         cpus["language"] = frozenset(language_cpus)
     threads = {name: len(share) for name, share in cpus.items() if name != "language"}
-    return Placement(cpus, threads, how=how)
+    nice = {"language": language_nice} if language_nice else {}
+    return Placement(cpus, threads, nice, how)
 
 
 def plan(
@@ -168,12 +173,12 @@ def plan(
             {}, dict.fromkeys(visions, 1), how="more vision replicas than CPUs: not pinned"
         )
     language_count = max(1, int(len(ordered) * LANGUAGE_SHARE))
-    placed = _pinned(visions, set(ordered), set(ordered[-language_count:]), "")
     how = (
         f"default for {len(ordered)} CPUs: vision servers on all of them, the language "
         f"server on the last {language_count} at nice +{LANGUAGE_NICE}"
     )
-    return Placement(placed.cpus, placed.threads, {"language": LANGUAGE_NICE}, how)
+    language = set(ordered[-language_count:])
+    return _pinned(visions, set(ordered), language, how, LANGUAGE_NICE)
 
 
 def available_cpus() -> set[int]:
