@@ -227,21 +227,85 @@ def test_markdown_and_plots(tmp_path: Path) -> None:
         assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cpu_watch_and_the_busy_note() -> None:
-    from benchmarks.compare.interference import CpuWatch, tree_cpu_s
+def test_role_of_names_each_server_by_its_command_line() -> None:
+    from benchmarks.compare.interference import role_of
+
+    python = "/repo/.venv/bin/python"
+    assert role_of(f"{python} -m dvd vision --model m --port 1") == "vision server"
+    assert role_of(f"{python} -m dvd language --model m") == "language server"
+    assert role_of(f"{python} -m dvd gateway --port 2") == "gateway"
+    assert role_of(f"{python} -m dvd up --model m") == "dvd up"
+    assert role_of("VLLM::EngineCore") == "vLLM engine"
+    assert role_of("VLLM::Worker_TP0") == "vLLM engine"
+    assert role_of(f"{python} -m vllm.entrypoints.openai.api_server --model m") == (
+        "vLLM API server"
+    )
+    assert role_of(f"{python} -m dvd vision-other") == "other (ours)"
+
+
+def test_cpu_watch_splits_the_machine_between_our_processes_others_and_idle() -> None:
+    """A real child that spins is counted under its role, the rest as other or idle; the
+    averages add up to the machine's CPUs."""
+    from benchmarks.compare.interference import IDLE, LOAD_GENERATOR, OTHER, CpuWatch, tree_cpu_s
 
     watch = CpuWatch()
     watch.start()
-    sum(range(10**6))
-    other = watch.stop()
-    assert other is None or other >= 0.0
+    spin = "import time\nend = time.time() + 1.0\nwhile time.time() < end: pass"
+    subprocess.run([sys.executable, "-c", spin, "dvd", "gateway"], check=True, timeout=60)
+    use = watch.stop()
     assert tree_cpu_s() > 0
+    assert use is not None
+    # the child was reaped by this process, so its CPU time is this process's (cutime)
+    assert use.by_role[LOAD_GENERATOR] > 0
+    assert use.by_role[OTHER] >= 0 and use.by_role[IDLE] >= 0
+    assert sum(use.by_role.values()) == pytest.approx(use.cpus, abs=0.35)
+    per_request = use.per_request_s(completed=2)
+    assert set(per_request) == {LOAD_GENERATOR}
+    assert per_request[LOAD_GENERATOR] == pytest.approx(
+        use.by_role[LOAD_GENERATOR] * use.seconds / 2
+    )
+
+
+def test_cpu_watch_names_a_live_child_by_its_role() -> None:
+    from benchmarks.compare.interference import CpuWatch
+
+    spin = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"
+    child = subprocess.Popen([sys.executable, "-c", spin, "dvd", "vision", "--model", "m"])
+    try:
+        watch = CpuWatch()
+        watch.start()
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(1)"], timeout=60)
+        use = watch.stop()
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert use is not None and use.by_role.get("vision server", 0.0) > 0
+
+
+def test_the_report_says_where_the_cpus_went() -> None:
+    from benchmarks.compare.interference import IDLE, LOAD_GENERATOR, OTHER, CpuUse
+
     data = runs()
     level = data["dvd-grpc"].levels[1]
-    data["dvd-grpc"].levels[1] = LevelRun(level.concurrency, level.result, level.stages, 0.8)
+    cpu = CpuUse(
+        2,
+        10.0,
+        {LOAD_GENERATOR: 0.1, "vision server": 1.0, "vLLM engine": 0.8, OTHER: 0.8, IDLE: 0.0},
+    )
+    data["dvd-grpc"].levels[1] = LevelRun(level.concurrency, level.result, level.stages, cpu)
     report = build_report(data, 4, {"traffic": QUICK.to_json()})
-    assert report["systems"]["dvd-grpc"]["other_cpus"] == 0.8
-    assert "dvd-grpc c=4: 0.80" in render(report)
+    grpc = report["systems"]["dvd-grpc"]
+    assert grpc["other_cpus"] == 0.8
+    completed = grpc["completed"]
+    assert grpc["cpu"]["per_request_s"]["vision server"] == pytest.approx(10.0 / completed)
+    assert OTHER not in grpc["cpu"]["per_request_s"]
+    text = render(report)
+    assert "dvd-grpc c=4: 0.80" in text
+    assert "## Where the CPUs went" in text
+    row = next(line for line in text.splitlines() if line.startswith("| dvd-grpc | 4 | 0.10"))
+    serving = (10.0 + 8.0) / completed
+    assert row.endswith(f"| {serving:.2f} |")
+    assert f"1.00 ({10.0 / completed:.2f})" in row
 
 
 def test_pinning_and_launch_plans(tmp_path: Path) -> None:

@@ -1,20 +1,55 @@
-"""How much CPU the rest of the machine took while a level ran (Linux /proc).
+"""Where the machine's CPUs went while a level ran, per process role (Linux /proc).
 
-The systems compared share this machine's CPUs with whatever else runs on it. `CpuWatch`
-measures, between `start()` and `stop()`, the CPU seconds of the whole machine
-(/proc/stat) and of this process and all its descendants (the systems it started and their
-children, with the children they reaped), and reports the difference as the average
-number of CPUs other processes kept busy. Zero on a quiet machine; anything near a whole
-CPU on a 2-CPU machine means the figures of that level are not comparable.
+The systems compared share this machine's CPUs with the load generator and with whatever
+else runs on it. `CpuWatch` measures, between `start()` and `stop()`, the CPU seconds of
+the whole machine (/proc/stat) and of this process and each of its descendants (the
+systems it started, their children, and the children those reaped), and reports them as
+the average number of CPUs each role kept busy (`CpuUse`):
+
+- the roles of the benchmark's own processes (`role_of`: vision server, language server,
+  gateway, vLLM's engine, vLLM's API server, the load generator, ...);
+- "other processes": the rest of the machine. Zero on a quiet machine; anything near a
+  whole CPU on a 2-CPU machine means the figures of that level are not comparable;
+- "idle": what nobody used.
+
+Why it is in the report: at a fixed concurrency C (a closed loop), mean latency is
+C / throughput, and once "idle" is near zero throughput can only rise if a request costs
+fewer CPU-seconds somewhere. The CPU-seconds per request of each role say where.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+LOAD_GENERATOR = "load generator"
+OTHER = "other processes"
+IDLE = "idle"
+ROLES = (
+    ("vLLM engine", ("VLLM::",)),
+    ("vision server", ("dvd vision ",)),
+    ("language server", ("dvd language ",)),
+    ("gateway", ("dvd gateway ",)),
+    ("dvd up", ("dvd up ",)),
+    ("vLLM API server", ("vllm.entrypoints", "benchmarks.compare.vllm_native")),
+)
+"""(role, argv fragments that mark it), first match wins: vLLM names its engine-core and
+worker processes VLLM::EngineCore / VLLM::Worker_..., which the dvd language server and
+vLLM's own server both start."""
+ROLE_ORDER = (LOAD_GENERATOR, *(role for role, _ in ROLES), "other (ours)", OTHER, IDLE)
+
+
+def role_of(argv: str) -> str:
+    """The role of one of the benchmark's processes, from its command line."""
+    padded = argv + " "
+    for role, marks in ROLES:
+        if any(mark in padded for mark in marks):
+            return role
+    return "other (ours)"
 
 
 def machine_busy_s() -> float | None:
@@ -27,53 +62,114 @@ def machine_busy_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / _TICKS
 
 
-def _processes() -> dict[int, tuple[int, float]]:
-    """pid -> (ppid, CPU seconds of it and of the children it reaped)."""
+@dataclass(frozen=True)
+class _Process:
+    ppid: int
+    cpu_s: float
+    """Its own CPU seconds and those of the children it reaped."""
+    argv: str
+
+
+def _processes() -> dict[int, _Process]:
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue  # it exited meanwhile
         fields = stat[stat.rindex(")") + 2 :].split()
-        ppid = int(fields[1])
         utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
-        found[int(entry.name)] = (ppid, (utime + stime + cutime + cstime) / _TICKS)
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        found[int(entry.name)] = _Process(
+            int(fields[1]), (utime + stime + cutime + cstime) / _TICKS, argv.strip() or name
+        )
     return found
+
+
+def _tree(processes: dict[int, _Process], root: int) -> set[int]:
+    members = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, process in processes.items():
+            if process.ppid in members and pid not in members:
+                members.add(pid)
+                grew = True
+    return members & processes.keys()
 
 
 def tree_cpu_s(root: int | None = None) -> float:
     """CPU seconds of `root` (default: this process) and every descendant alive now."""
     processes = _processes()
-    members = {root if root is not None else os.getpid()}
-    grew = True
-    while grew:
-        grew = False
-        for pid, (ppid, _) in processes.items():
-            if ppid in members and pid not in members:
-                members.add(pid)
-                grew = True
-    return sum(processes[pid][1] for pid in members if pid in processes)
+    return sum(processes[pid].cpu_s for pid in _tree(processes, root or os.getpid()))
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """Average CPUs busy per role between start and stop, plus OTHER and IDLE."""
+
+    cpus: int
+    """The machine's CPUs (what the averages, IDLE included, add up to)."""
+    seconds: float
+    by_role: dict[str, float]
+
+    @property
+    def other(self) -> float:
+        return self.by_role.get(OTHER, 0.0)
+
+    def per_request_s(self, completed: int) -> dict[str, float]:
+        """CPU seconds per completed request, per role of the benchmark's processes."""
+        if completed <= 0:
+            return {}
+        return {
+            role: cpus * self.seconds / completed
+            for role, cpus in self.by_role.items()
+            if role not in (OTHER, IDLE)
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {"cpus": self.cpus, "seconds": self.seconds, "by_role": dict(self.by_role)}
 
 
 class CpuWatch:
-    """Average CPUs that processes outside this benchmark used between start and stop."""
+    """Where the machine's CPUs went between start() and stop()."""
 
     def start(self) -> None:
         self._machine = machine_busy_s()
-        self._ours = tree_cpu_s()
+        self._ours = self._tree_by_pid()
         self._started = time.monotonic()
 
-    def stop(self) -> float | None:
+    def stop(self) -> CpuUse | None:
         machine = machine_busy_s()
-        if machine is None or self._machine is None:
-            return None
         elapsed = time.monotonic() - self._started
-        ours = tree_cpu_s() - self._ours
-        other = (machine - self._machine) - ours
-        return max(0.0, other) / elapsed if elapsed > 0 else None
+        if machine is None or self._machine is None or elapsed <= 0:
+            return None
+        used: dict[str, float] = {}
+        for pid, (role, cpu_s) in self._tree_by_pid().items():
+            before = self._ours.get(pid)
+            spent = cpu_s - (before[1] if before is not None else 0.0)
+            used[role] = used.get(role, 0.0) + max(0.0, spent)
+        ours = sum(used.values())
+        cpus = os.cpu_count() or 1
+        by_role = {role: seconds / elapsed for role, seconds in used.items() if seconds > 0}
+        by_role[OTHER] = max(0.0, (machine - self._machine) - ours) / elapsed
+        by_role[IDLE] = max(0.0, cpus - (machine - self._machine) / elapsed)
+        return CpuUse(cpus, elapsed, by_role)
+
+    @staticmethod
+    def _tree_by_pid() -> dict[int, tuple[str, float]]:
+        processes = _processes()
+        me = os.getpid()
+        return {
+            pid: (
+                LOAD_GENERATOR if pid == me else role_of(processes[pid].argv),
+                processes[pid].cpu_s,
+            )
+            for pid in _tree(processes, me)
+        }
 
 
 def wait_quiet(max_wait_s: float, threshold: float = 0.25, window_s: float = 2.0) -> float | None:
@@ -84,6 +180,7 @@ def wait_quiet(max_wait_s: float, threshold: float = 0.25, window_s: float = 2.0
         watch = CpuWatch()
         watch.start()
         time.sleep(window_s)
-        other = watch.stop()
+        use = watch.stop()
+        other = None if use is None else use.other
         if other is None or other < threshold or time.monotonic() >= deadline:
             return other

@@ -97,6 +97,53 @@ def systems_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+CPU_INTRO = (
+    "Average CPUs each process kept busy while the level ran, and in brackets its CPU "
+    "seconds per completed request (from /proc; the load generator is this benchmark's own "
+    "process, idle is what nobody used). At a fixed concurrency C, mean latency is "
+    "C / throughput: once idle is near zero, only fewer CPU seconds per request raise "
+    "throughput and lower latency together."
+)
+
+
+def cpu_table(rows: list[tuple[list[str], dict[str, Any] | None]], heads: list[str]) -> list[str]:
+    """One row per (leading cells, a level's `cpu` figures); a column per role present."""
+    from benchmarks.compare.interference import IDLE, LOAD_GENERATOR, ROLE_ORDER
+
+    present = {role for _, cpu in rows if cpu for role in cpu["by_role"]}
+    roles = [role for role in ROLE_ORDER if role in present]
+    lines = [
+        "| " + " | ".join([*heads, *roles, "serving CPU s / request"]) + " |",
+        "|" + " --- |" * (len(heads) + len(roles) + 1),
+    ]
+    for cells, cpu in rows:
+        if not cpu:
+            continue
+        per_request = cpu.get("per_request_s") or {}
+        shown = []
+        for role in roles:
+            cpus = cpu["by_role"].get(role)
+            seconds = per_request.get(role)
+            shown.append(
+                number(cpus, 2) + ("" if seconds is None or role == IDLE else f" ({seconds:.2f})")
+            )
+        serving = [s for role, s in per_request.items() if role != LOAD_GENERATOR]
+        shown.append(number(sum(serving), 2) if serving else "-")
+        lines.append("| " + " | ".join([*cells, *shown]) + " |")
+    return lines
+
+
+def _cpu_table(report: dict[str, Any]) -> list[str]:
+    concurrencies = (report.get("traffic") or {}).get("concurrencies", [])
+    rows = [
+        ([name, str(c)], system["by_concurrency"][str(c)].get("cpu"))
+        for name, system in report["systems"].items()
+        for c in concurrencies
+        if str(c) in system.get("by_concurrency", {})
+    ]
+    return cpu_table(rows, ["system", "concurrency"])
+
+
 def _stages_table(report: dict[str, Any]) -> list[str]:
     concurrencies = (report.get("traffic") or {}).get("concurrencies", [])
     lines = [
@@ -160,6 +207,12 @@ def render(report: dict[str, Any], command: str = "") -> str:
         "below uses); across requests they overlap too, so they do not add up to latency.",
         "",
         *_stages_table(report),
+        "",
+        "## Where the CPUs went",
+        "",
+        CPU_INTRO,
+        "",
+        *_cpu_table(report),
         "",
         "## Where DvD is slower than a baseline",
         "",

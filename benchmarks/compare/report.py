@@ -10,6 +10,8 @@ Layout:
                         "e2e_ms", "errors", "completed",
                         "ratio_to_vllm", "ratio_to_coupled", "stages_ms",
                         "transfer_exposed_ms", "other_cpus",
+                        "cpu": {"cpus", "seconds", "by_role": {ROLE: CPUs},
+                                "per_request_s": {ROLE: CPU s}},
                         "by_concurrency": {"C": {same figures, ratios and stages}},
                         "greedy": {"text", "image", "matches_vllm"}}},
      "attribution": [{"system", "baseline", "concurrency", "slower_on", "stages",
@@ -47,6 +49,14 @@ def figures(level: LevelRun) -> dict[str, Any]:
         "completed": summary["completed"],
         "duration_s": summary["duration_s"],
     }
+
+
+def cpu_figures(level: LevelRun) -> dict[str, Any] | None:
+    """The level's CPU use: average CPUs per role, and CPU seconds per completed request."""
+    if level.cpu is None:
+        return None
+    completed = level.result.summary.completed
+    return {**level.cpu.to_json(), "per_request_s": level.cpu.per_request_s(completed)}
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -190,6 +200,7 @@ def _system_entry(run: SystemRun, headline: int, runs: dict[str, SystemRun]) -> 
         figs["stages_ms"] = {s: st.to_json() for s, st in level.stages.items()}
         figs["transfer_exposed_ms"] = _attributable(run, level).get("transfer")
         figs["other_cpus"] = level.other_cpus
+        figs["cpu"] = cpu_figures(level)
         by_level[str(level.concurrency)] = figs
     top = by_level.get(str(headline))
     if top is None and by_level:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.compare.stages import Stages
 
 if TYPE_CHECKING:
+    from benchmarks.compare.interference import CpuUse
     from benchmarks.serve.runner import BenchmarkResult
 
 
@@ -19,8 +20,13 @@ class LevelRun:
     concurrency: int
     result: BenchmarkResult
     stages: Stages = field(default_factory=dict)
-    other_cpus: float | None = None
-    """Average CPUs other processes on the machine used meanwhile (see `interference`)."""
+    cpu: CpuUse | None = None
+    """Where the machine's CPUs went meanwhile, per process role (see `interference`)."""
+
+    @property
+    def other_cpus(self) -> float | None:
+        """Average CPUs other processes on the machine used meanwhile."""
+        return None if self.cpu is None else self.cpu.other
 
 
 @dataclass

@@ -31,6 +31,7 @@ def _row(report: dict[str, Any], name: str, concurrency: str) -> dict[str, Any] 
         "throughput_ratio": (ratios or {}).get("request_throughput"),
         "ttft_p50_ratio": ((ratios or {}).get("ttft_ms") or {}).get("p50"),
         "stages_ms": {s: v.get("mean") for s, v in (level.get("stages_ms") or {}).items()},
+        "cpu": level.get("cpu"),
     }
 
 
@@ -106,6 +107,7 @@ def render_summary(summary: dict[str, Any], first_round: dict[str, Any], command
             "",
         ]
     lines += _stage_lines(summary)
+    lines += ["", *_cpu_lines(summary)]
     return "\n".join(lines) + "\n"
 
 
@@ -133,3 +135,22 @@ def _stage_lines(summary: dict[str, Any]) -> list[str]:
                     cells = [number(stages.get(stage)) for stage in DVD_STAGES]
                     lines.append(f"| {index + 1} | {name} | {c} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _cpu_lines(summary: dict[str, Any]) -> list[str]:
+    """Average CPUs per process and CPU seconds per request, per round and level."""
+    from benchmarks.compare.markdown import CPU_INTRO, cpu_table
+
+    rows = [
+        ([str(index + 1), name, c], (per_round[index] or {}).get("cpu"))
+        for c, systems in summary["levels"].items()
+        for index in range(summary["rounds"])
+        for name, per_round in systems.items()
+    ]
+    return [
+        "## Where the CPUs went",
+        "",
+        CPU_INTRO,
+        "",
+        *cpu_table(rows, ["round", "system", "concurrency"]),
+    ]

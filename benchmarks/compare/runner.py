@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from benchmarks.compare.config import CompareConfig
-from benchmarks.compare.interference import CpuWatch, wait_quiet
+from benchmarks.compare.interference import IDLE, CpuWatch, wait_quiet
 from benchmarks.compare.lineup import SystemSpec, dvd_argv
 from benchmarks.compare.results import LevelRun, SystemRun
 from benchmarks.compare.stages import Stages, delta, scrape
@@ -101,15 +101,17 @@ def _measure_levels(
             watch = CpuWatch()
             watch.start()
             result = asyncio.run(run_benchmark(bench, progress=progress))
-            other = watch.stop()
+            cpu = watch.stop()
+            other = None if cpu is None else cpu.other
+            idle = None if cpu is None else cpu.by_role[IDLE]
             after = _scrape(run, metrics_url, concurrency)
             stages = delta(before, after) if before is not None and after is not None else {}
-            attempts.append(LevelRun(concurrency, result, stages, other))
+            attempts.append(LevelRun(concurrency, result, stages, cpu))
             summary = result.summary
             print(
                 f"  {run.name} c={concurrency}: {summary.request_throughput:.2f} req/s, "
                 f"TTFT mean {summary.ttft_ms.mean or 0:.0f} ms, errors {summary.errors}, "
-                f"other processes {other or 0:.2f} CPUs",
+                f"other processes {other or 0:.2f} CPUs, idle {idle or 0:.2f} CPUs",
                 flush=True,
             )
             if other is None or other <= config.busy_cpus:
