@@ -302,7 +302,7 @@ def test_the_report_says_where_the_cpus_went() -> None:
     text = render(report)
     assert "dvd-grpc c=4: 0.80" in text
     assert "## Where the CPUs went" in text
-    row = next(line for line in text.splitlines() if line.startswith("| dvd-grpc | 4 | 0.10"))
+    row = next(line for line in text.splitlines() if line.startswith("| dvd-grpc | c=4 | 0.10"))
     serving = (10.0 + 8.0) / completed
     assert row.endswith(f"| {serving:.2f} |")
     assert f"1.00 ({10.0 / completed:.2f})" in row
@@ -445,6 +445,63 @@ def test_traffic_levels_use_their_own_seeds_and_distinct_images() -> None:
     assert dict(second.extra_body) == {"vir_mode": "router"}
 
 
+def test_open_loop_levels_send_poisson_arrivals_with_their_own_seeds() -> None:
+    traffic = Traffic(concurrencies=(4,), request_rates=(0.5, 2.0), requests_per_rate=12)
+    slow, fast = traffic.rate_level("http://x", 0), traffic.rate_level("http://x", 1, {"k": 1})
+    assert (slow.concurrency, slow.request_rate, slow.arrival) == (None, 0.5, "poisson")
+    assert (slow.num_requests, slow.image_variants, fast.request_rate) == (12, 12, 2.0)
+    seeds = {
+        slow.seed,
+        fast.seed,
+        traffic.level("http://x", 0).seed,
+        traffic.warmup("http://x").seed,
+    }
+    assert len(seeds) == 4
+    assert traffic.rate_level("http://x", 0, attempt=1).seed != slow.seed
+    assert dict(fast.extra_body) == {"k": 1}
+    assert traffic.to_json()["request_rates"] == [0.5, 2.0]
+    for bad in ((0.0,), (-1.0,), (float("inf"),)):
+        with pytest.raises(ValueError, match="request_rates"):
+            Traffic(request_rates=bad)
+    with pytest.raises(ValueError, match="requests_per_rate"):
+        Traffic(request_rates=(1.0,), requests_per_rate=0)
+    with pytest.raises(SystemExit, match="--request-rates"):
+        from benchmarks.compare.cli import _traffic
+
+        _traffic(_compare_args("--request-rates", "1,fast"))
+
+
+def test_open_loop_levels_get_ratios_to_the_baseline_at_the_same_rate() -> None:
+    from benchmarks.compare.rounds import render_summary, summarize
+
+    data = runs()
+    for name, e2e_s, ttft_s in (("vllm", 2.0, 1.0), ("dvd-grpc", 1.0, 0.25)):
+        data[name].rate_levels = [
+            LevelRun(0, result(1, e2e_s, ttft_s), stages(encode=100), None, rate)
+            for rate in (0.5, 0.9)
+        ]
+    report = build_report(data, 4, {"traffic": Traffic(request_rates=(0.5, 0.9)).to_json()})
+    grpc = report["systems"]["dvd-grpc"]
+    assert set(grpc["by_rate"]) == {"0.5", "0.9"}
+    assert grpc["by_rate"]["0.9"]["ratio_to_vllm"]["ttft_ms"]["p50"] == pytest.approx(0.25)
+    assert grpc["by_rate"]["0.5"]["stages_ms"]["encode"]["mean"] == pytest.approx(100.0)
+    assert report["systems"]["coupled"]["by_rate"] == {}  # it ran no open-loop level
+    text = render(report)
+    assert "## Open loop: requests arriving at a fixed rate" in text
+    assert "### 0.9 requests/s" in text
+    assert (
+        "| dvd-grpc | 0.9 req/s | 100.0 |"
+        in text.replace("| - ", "").replace(
+            "| dvd-grpc | 0.9 req/s | 100.0", "| dvd-grpc | 0.9 req/s | 100.0"
+        )
+        or "| dvd-grpc | 0.9 req/s |" in text
+    )
+    summary = summarize([report, report])
+    assert list(summary["levels"]) == ["c=1", "c=4", "0.5 req/s", "0.9 req/s"]
+    assert summary["mean_ratios"]["0.9 req/s"]["dvd-grpc"]["ttft_p50_ratio"] == pytest.approx(0.25)
+    assert "## Open loop, 0.9 req/s" in render_summary(summary, report, "")
+
+
 def test_omp_binding_from_a_vllm_log() -> None:
     log = "x [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0]\n y \treserved_cpus=[1]\n"
     assert (
@@ -569,12 +626,20 @@ def test_compare_runs_vllm_and_coupled_on_the_tiny_preset(tmp_path: Path) -> Non
             "448x448",
             "--output-tokens",
             "8",
+            "--request-rates",
+            "2",
+            "--rate-requests",
+            "4",
         ]
     )
     assert args.func(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["systems"]) == {"vllm", "coupled"}
     coupled = report["systems"]["coupled"]
+    assert coupled["by_rate"]["2"]["completed"] == 4
+    assert coupled["by_rate"]["2"]["ratio_to_vllm"]["ttft_ms"]["p50"] > 0
+    assert coupled["cpu"]["by_role"]["language server"] > 0  # the coupled server itself
+    assert "## Open loop" in (out / "report.md").read_text()
     assert coupled["ok"] and coupled["errors"] == 0
     assert coupled["greedy"]["matches_vllm"] == {"text": True, "image": True}
     assert coupled["ratio_to_vllm"]["request_throughput"] > 0
@@ -611,14 +676,14 @@ def test_rounds_are_summarised_against_their_own_baseline() -> None:
 
     rounds = [_round_report(2000.0, 1000.0, 1.5), _round_report(4000.0, 3000.0, 1.3)]
     summary = summarize(rounds)
-    first, second = summary["levels"]["8"]["dvd-up"]
+    first, second = summary["levels"]["c=8"]["dvd-up"]
     assert (first["ttft_p50_ratio"], second["ttft_p50_ratio"]) == (0.5, 0.75)
-    assert summary["mean_ratios"]["8"]["dvd-up"]["ttft_p50_ratio"] == pytest.approx(0.625)
-    assert summary["mean_ratios"]["8"]["dvd-up"]["throughput_ratio"] == pytest.approx(1.4)
+    assert summary["mean_ratios"]["c=8"]["dvd-up"]["ttft_p50_ratio"] == pytest.approx(0.625)
+    assert summary["mean_ratios"]["c=8"]["dvd-up"]["throughput_ratio"] == pytest.approx(1.4)
     text = render_summary(summary, rounds[0], "dvd bench compare --rounds 2")
     assert "| 2 | dvd-up | 1.300 | 3000 | 6000 | 9000 |" in text
     assert "dvd-up req/s 1.40x, TTFT p50 0.62x" in text
-    assert "| 2 | dvd-up | 8 | - | - | 300.0 |" in text  # the stage table: encode only
+    assert "| 2 | dvd-up | c=8 | - | - | 300.0 |" in text  # the stage table: encode only
 
 
 @pytest.mark.slow

@@ -64,6 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "under round-N/ and a summary",
     )
     flag("--concurrency", "", "comma-separated levels (default: 1,4 quick, else 1,2,4,8)")
+    flag(
+        "--request-rates",
+        "",
+        "comma-separated open-loop levels in requests/s, run after the concurrency levels: "
+        "requests arrive at Poisson times whatever the answers, so every system faces the "
+        "same offered load (default: none)",
+    )
+    flag("--rate-requests", 32, "requests sent at each --request-rates level")
     flag("--image-sizes", "448x448,896x896", "image sizes, cycled (WIDTHxHEIGHT,...)")
     flag("--prompt-words", 32, "words of text per request, besides the images")
     flag("--output-tokens", 16, "tokens generated per request (ignore_eos)")
@@ -135,7 +143,11 @@ def _traffic(args: argparse.Namespace) -> Any:
     }
     if args.concurrency:
         changes["concurrencies"] = tuple(int(c) for c in args.concurrency.split(",") if c)
-    return replace(traffic, **changes)
+    try:
+        changes["request_rates"] = tuple(float(r) for r in args.request_rates.split(",") if r)
+        return replace(traffic, requests_per_rate=args.rate_requests, **changes)
+    except ValueError as error:
+        raise SystemExit(f"dvd bench compare: --request-rates / --rate-requests: {error}") from None
 
 
 def _specs(args: argparse.Namespace, family: Family) -> list[Any]:
@@ -190,7 +202,9 @@ def _print_table(report: dict[str, Any]) -> None:
         if not system.get("by_concurrency"):
             print(f"{name:<10}  not measured: {str(system.get('error')).splitlines()[0]}")
             continue
-        for c, figs in system["by_concurrency"].items():
+        levels = [*system["by_concurrency"].items()]
+        levels += [(f"{rate}/s", figs) for rate, figs in system.get("by_rate", {}).items()]
+        for c, figs in levels:
             r = (figs.get("ratio_to_vllm") or {}).get("request_throughput")
             print(
                 f"{name:<10}{c:>4}{figs['request_throughput']:>9.2f}"

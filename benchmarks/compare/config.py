@@ -49,11 +49,19 @@ class Sizing:
 
 @dataclass(frozen=True)
 class Traffic:
-    """The same requests for every system: fixed concurrency levels, one after another.
+    """The same requests for every system: fixed concurrency levels, one after another, then
+    open-loop levels at fixed arrival rates.
 
     Level i sends `requests_at(c)` requests with seed `FIRST_SEED + i`, and every request
     carries its own image (`image_variants` = requests), so no system can answer from a
     prefix or encoder cache; warm-up requests use yet another seed.
+
+    At a fixed concurrency (a closed loop) a request is sent only when one ends, so the
+    load follows the server's speed and mean latency is concurrency / throughput. At an
+    arrival rate (an open loop: `requests_per_rate` requests at Poisson times, seed
+    `RATE_SEED + i`) requests come whether or not earlier ones are answered, as from many
+    independent users: two systems then face the same offered load, and latency shows how
+    each copes with it.
     """
 
     image_sizes: tuple[ImageSize, ...] = ((448, 448), (896, 896))
@@ -66,9 +74,13 @@ class Traffic:
     """Each level sends at least `rounds` x its concurrency requests."""
     warmup_requests: int = 2
     timeout_s: float = 300.0
+    request_rates: tuple[float, ...] = ()
+    """Open-loop levels (requests/s), measured after the concurrency levels."""
+    requests_per_rate: int = 32
 
     FIRST_SEED = 1000
     WARMUP_SEED = 999
+    RATE_SEED = 2000
 
     def __post_init__(self) -> None:
         if not self.concurrencies or any(c < 1 for c in self.concurrencies):
@@ -77,6 +89,12 @@ class Traffic:
             raise ValueError("min_requests, rounds: must be at least 1")
         if self.warmup_requests < 0:
             raise ValueError(f"warmup_requests: must be >= 0, got {self.warmup_requests}")
+        if any(not 0 < rate < float("inf") for rate in self.request_rates):
+            raise ValueError(
+                f"request_rates: need positive, finite rates, got {self.request_rates}"
+            )
+        if self.requests_per_rate < 1:
+            raise ValueError(f"requests_per_rate: must be at least 1, got {self.requests_per_rate}")
 
     @property
     def headline_concurrency(self) -> int:
@@ -87,11 +105,19 @@ class Traffic:
         return max(self.min_requests, self.rounds * concurrency)
 
     def _config(
-        self, base_url: str, concurrency: int, requests: int, seed: int, extra: dict[str, Any]
+        self,
+        base_url: str,
+        concurrency: int | None,
+        requests: int,
+        seed: int,
+        extra: dict[str, Any],
+        rate: float | None = None,
     ) -> BenchConfig:
         return BenchConfig(
             base_url=base_url,
             concurrency=concurrency,
+            request_rate=rate,
+            arrival="poisson",
             num_requests=requests,
             images_per_request=self.images_per_request,
             image_sizes=self.image_sizes,
@@ -113,6 +139,15 @@ class Traffic:
         seed = self.FIRST_SEED + index + 100 * attempt
         return self._config(base_url, concurrency, requests, seed, dict(extra_body or {}))
 
+    def rate_level(
+        self, base_url: str, index: int, extra_body: dict[str, Any] | None = None, attempt: int = 0
+    ) -> BenchConfig:
+        """Open-loop level `index`: `requests_per_rate` requests at Poisson arrival times."""
+        seed = self.RATE_SEED + index + 100 * attempt
+        extra = dict(extra_body or {})
+        rate = self.request_rates[index]
+        return self._config(base_url, None, self.requests_per_rate, seed, extra, rate)
+
     def warmup(self, base_url: str, extra_body: dict[str, Any] | None = None) -> BenchConfig:
         count = max(self.warmup_requests, 1)
         return self._config(base_url, 1, count, self.WARMUP_SEED, dict(extra_body or {}))
@@ -132,6 +167,9 @@ class Traffic:
             "requests_per_level": {str(c): self.requests_at(c) for c in self.concurrencies},
             "warmup_requests": self.warmup_requests,
             "headline_concurrency": self.headline_concurrency,
+            "request_rates": list(self.request_rates),
+            "requests_per_rate": self.requests_per_rate,
+            "arrival": "poisson",
         }
 
 

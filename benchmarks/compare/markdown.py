@@ -133,32 +133,58 @@ def cpu_table(rows: list[tuple[list[str], dict[str, Any] | None]], heads: list[s
     return lines
 
 
+def report_levels(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(system, level name, the level's entry) for every level each system ran: the
+    concurrency levels ("c=4"), then the open-loop ones ("0.8 req/s")."""
+    traffic = report.get("traffic") or {}
+    found = []
+    for name, system in report["systems"].items():
+        for c in traffic.get("concurrencies", []):
+            if str(c) in system.get("by_concurrency", {}):
+                found.append((name, f"c={c}", system["by_concurrency"][str(c)]))
+        for rate in traffic.get("request_rates", []):
+            if f"{rate:g}" in system.get("by_rate", {}):
+                found.append((name, f"{rate:g} req/s", system["by_rate"][f"{rate:g}"]))
+    return found
+
+
 def _cpu_table(report: dict[str, Any]) -> list[str]:
-    concurrencies = (report.get("traffic") or {}).get("concurrencies", [])
-    rows = [
-        ([name, str(c)], system["by_concurrency"][str(c)].get("cpu"))
-        for name, system in report["systems"].items()
-        for c in concurrencies
-        if str(c) in system.get("by_concurrency", {})
-    ]
-    return cpu_table(rows, ["system", "concurrency"])
+    rows = [([name, level], entry.get("cpu")) for name, level, entry in report_levels(report)]
+    return cpu_table(rows, ["system", "level"])
 
 
 def _stages_table(report: dict[str, Any]) -> list[str]:
-    concurrencies = (report.get("traffic") or {}).get("concurrencies", [])
     lines = [
-        "| system | concurrency | " + " | ".join(DVD_STAGES) + " | transfer beyond encode |",
+        "| system | level | " + " | ".join(DVD_STAGES) + " | transfer beyond encode |",
         "|" + " --- |" * (len(DVD_STAGES) + 3),
     ]
-    for name, system in report["systems"].items():
-        for c in concurrencies:
-            level = system.get("by_concurrency", {}).get(str(c))
-            if not level:
-                continue
-            stages = level.get("stages_ms") or {}
-            cells = [number((stages.get(s) or {}).get("mean")) for s in DVD_STAGES]
-            cells.append(number(level.get("transfer_exposed_ms")))
-            lines.append(f"| {name} | {c} | " + " | ".join(cells) + " |")
+    for name, level, entry in report_levels(report):
+        stages = entry.get("stages_ms") or {}
+        cells = [number((stages.get(s) or {}).get("mean")) for s in DVD_STAGES]
+        cells.append(number(entry.get("transfer_exposed_ms")))
+        lines.append(f"| {name} | {level} | " + " | ".join(cells) + " |")
+    return lines
+
+
+OPEN_LOOP_INTRO = (
+    "Requests arrive at Poisson times at the given rate, whether or not earlier ones are "
+    "answered, as from many independent users: every system faces the same offered load. "
+    "(At a fixed concurrency the load instead follows each system's speed: mean latency "
+    "is concurrency / throughput there, so a system that answers faster also receives more "
+    "requests.) A rate above what a system sustains shows as throughput below the rate and "
+    "latency growing with the number of requests."
+)
+
+
+def _open_loop_lines(report: dict[str, Any], ran: list[tuple[str, Any]], base: str) -> list[str]:
+    rates = (report.get("traffic") or {}).get("request_rates", [])
+    if not rates:
+        return []
+    lines = ["## Open loop: requests arriving at a fixed rate", "", OPEN_LOOP_INTRO, ""]
+    for rate in rates:
+        key = f"{rate:g}"
+        rows = [(n, s["by_rate"][key]) for n, s in ran if key in s.get("by_rate", {})]
+        lines += [f"### {key} requests/s", "", *_figures_table(rows, base), ""]
     return lines
 
 
@@ -194,6 +220,7 @@ def render(report: dict[str, Any], command: str = "") -> str:
     for c in traffic.get("concurrencies", []):
         rows = [(n, s["by_concurrency"][str(c)]) for n, s in ran if str(c) in s["by_concurrency"]]
         lines += [f"### Concurrency {c}", "", *_figures_table(rows, base), ""]
+    lines += _open_loop_lines(report, ran, base)
     lines += [
         "## Stage times (mean ms per request)",
         "",
@@ -248,10 +275,9 @@ def render(report: dict[str, Any], command: str = "") -> str:
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     busy = [
-        f"{name} c={c}: {level['other_cpus']:.2f}"
-        for name, system in systems.items()
-        for c, level in system.get("by_concurrency", {}).items()
-        if (level.get("other_cpus") or 0.0) >= OTHER_CPUS_NOTED
+        f"{name} {level}: {entry['other_cpus']:.2f}"
+        for name, level, entry in report_levels(report)
+        if (entry.get("other_cpus") or 0.0) >= OTHER_CPUS_NOTED
     ]
     if busy:
         lines.append(

@@ -13,6 +13,7 @@ Layout:
                         "cpu": {"cpus", "seconds", "by_role": {ROLE: CPUs},
                                 "per_request_s": {ROLE: CPU s}},
                         "by_concurrency": {"C": {same figures, ratios and stages}},
+                        "by_rate": {"R": {the same, for the open-loop level at R req/s}},
                         "greedy": {"text", "image", "matches_vllm"}}},
      "attribution": [{"system", "baseline", "concurrency", "slower_on", "stages",
                       "culprit", "summary"}]}
@@ -190,24 +191,25 @@ def _system_entry(run: SystemRun, headline: int, runs: dict[str, SystemRun]) -> 
         "startup_s": run.started_s,
         "stage_source": run.stage_source,
     }
-    by_level: dict[str, Any] = {}
-    for level in run.levels:
-        figs = figures(level)
-        for base in BASELINES:
-            other = runs.get(base)
-            base_level = other.level(level.concurrency) if other else None
-            figs[f"ratio_to_{base}"] = ratios(figs, figures(base_level) if base_level else None)
-        figs["stages_ms"] = {s: st.to_json() for s, st in level.stages.items()}
-        figs["transfer_exposed_ms"] = _attributable(run, level).get("transfer")
-        figs["other_cpus"] = level.other_cpus
-        figs["cpu"] = cpu_figures(level)
-        by_level[str(level.concurrency)] = figs
+    by_level = {
+        str(level.concurrency): _level_entry(
+            run, level, {b: runs[b].level(level.concurrency) for b in BASELINES if b in runs}
+        )
+        for level in run.levels
+    }
     top = by_level.get(str(headline))
     if top is None and by_level:
         top = by_level[max(by_level, key=int)]
     entry["concurrency"] = headline if str(headline) in by_level else None
     entry.update(top or {})
     entry["by_concurrency"] = by_level
+    entry["by_rate"] = {
+        f"{level.rate:g}": _level_entry(
+            run, level, {b: runs[b].rate_level(level.rate) for b in BASELINES if b in runs}
+        )
+        for level in run.rate_levels
+        if level.rate is not None
+    }
     entry["greedy"] = dict(run.greedy)
     vllm = runs.get("vllm")
     if run.greedy and vllm is not None and vllm.greedy and run.name != "vllm":
@@ -215,6 +217,21 @@ def _system_entry(run: SystemRun, headline: int, runs: dict[str, SystemRun]) -> 
             key: run.greedy.get(key) == vllm.greedy.get(key) for key in vllm.greedy
         }
     return entry
+
+
+def _level_entry(
+    run: SystemRun, level: LevelRun, baselines: dict[str, LevelRun | None]
+) -> dict[str, Any]:
+    """A level's figures, its ratios to each baseline's same level, stages and CPU use."""
+    figs = figures(level)
+    for base in BASELINES:
+        base_level = baselines.get(base)
+        figs[f"ratio_to_{base}"] = ratios(figs, figures(base_level) if base_level else None)
+    figs["stages_ms"] = {s: st.to_json() for s, st in level.stages.items()}
+    figs["transfer_exposed_ms"] = _attributable(run, level).get("transfer")
+    figs["other_cpus"] = level.other_cpus
+    figs["cpu"] = cpu_figures(level)
+    return figs
 
 
 def _attributable(run: SystemRun, level: LevelRun) -> dict[str, float]:

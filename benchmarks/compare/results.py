@@ -14,19 +14,31 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LevelRun:
-    """One concurrency level against one system: the load generator's result and the
-    server's per-stage times over exactly those requests."""
+    """One level against one system: the load generator's result and the server's
+    per-stage times over exactly those requests."""
 
     concurrency: int
+    """Requests kept in flight (a closed loop); 0 for an open-loop level (see `rate`)."""
     result: BenchmarkResult
     stages: Stages = field(default_factory=dict)
     cpu: CpuUse | None = None
     """Where the machine's CPUs went meanwhile, per process role (see `interference`)."""
+    rate: float | None = None
+    """Open-loop levels only: requests arrived at this rate (requests/s, Poisson)."""
+
+    @property
+    def name(self) -> str:
+        return level_name(self.concurrency, self.rate)
 
     @property
     def other_cpus(self) -> float | None:
         """Average CPUs other processes on the machine used meanwhile."""
         return None if self.cpu is None else self.cpu.other
+
+
+def level_name(concurrency: int, rate: float | None) -> str:
+    """How reports name a level: "c=4", or "0.8 req/s" for an open-loop one."""
+    return f"c={concurrency}" if rate is None else f"{rate:g} req/s"
 
 
 @dataclass
@@ -42,6 +54,9 @@ class SystemRun:
     command: list[str] = field(default_factory=list)
     extra_body: dict[str, Any] = field(default_factory=dict)
     levels: list[LevelRun] = field(default_factory=list)
+    """Fixed-concurrency levels."""
+    rate_levels: list[LevelRun] = field(default_factory=list)
+    """Open-loop levels, one per arrival rate."""
     greedy: dict[str, str] = field(default_factory=dict)
     """Greedy answers to fixed prompts ("text", "image"), for comparing systems' outputs."""
     notes: list[str] = field(default_factory=list)
@@ -52,3 +67,6 @@ class SystemRun:
 
     def level(self, concurrency: int) -> LevelRun | None:
         return next((lv for lv in self.levels if lv.concurrency == concurrency), None)
+
+    def rate_level(self, rate: float) -> LevelRun | None:
+        return next((lv for lv in self.rate_levels if lv.rate == rate), None)

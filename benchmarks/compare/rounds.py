@@ -16,8 +16,17 @@ from typing import Any
 HEADLINE_STATS = ("p50", "p90", "p99")
 
 
-def _row(report: dict[str, Any], name: str, concurrency: str) -> dict[str, Any] | None:
-    level = (report["systems"].get(name) or {}).get("by_concurrency", {}).get(concurrency)
+def level_keys(traffic: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(level name, where a system's report keeps it, its key there) for every level: the
+    concurrency levels ("c=8", "by_concurrency", "8"), then the open-loop ones ("0.8 req/s",
+    "by_rate", "0.8")."""
+    keys = [(f"c={c}", "by_concurrency", str(c)) for c in traffic.get("concurrencies", [])]
+    rates = traffic.get("request_rates", [])
+    return keys + [(f"{r:g} req/s", "by_rate", f"{r:g}") for r in rates]
+
+
+def _row(report: dict[str, Any], name: str, group: str, key: str) -> dict[str, Any] | None:
+    level = (report["systems"].get(name) or {}).get(group, {}).get(key)
     if level is None:
         return None
     base = report["baselines"][0] if report.get("baselines") else None
@@ -36,17 +45,17 @@ def _row(report: dict[str, Any], name: str, concurrency: str) -> dict[str, Any] 
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """{"levels": {c: {system: [row per round]}}, "mean_ratios": {c: {system: {...}}}}."""
-    concurrencies = [str(c) for c in rounds[0]["traffic"]["concurrencies"]]
+    """{"levels": {level: {system: [row per round]}}, "mean_ratios": {level: {system: {...}}}},
+    levels named as `level_keys` names them ("c=8", "0.8 req/s")."""
     names = list(rounds[0]["systems"])
     levels: dict[str, dict[str, list[dict[str, Any] | None]]] = {}
     mean_ratios: dict[str, dict[str, dict[str, float | None]]] = {}
-    for c in concurrencies:
-        levels[c] = {n: [_row(r, n, c) for r in rounds] for n in names}
-        mean_ratios[c] = {}
-        for name, rows in levels[c].items():
+    for level, group, key in level_keys(rounds[0]["traffic"]):
+        levels[level] = {n: [_row(r, n, group, key) for r in rounds] for n in names}
+        mean_ratios[level] = {}
+        for name, rows in levels[level].items():
             got = [row for row in rows if row is not None]
-            mean_ratios[c][name] = {
+            mean_ratios[level][name] = {
                 key: _mean([row[key] for row in got])
                 for key in ("throughput_ratio", "ttft_p50_ratio")
             }
@@ -78,8 +87,9 @@ def render_summary(summary: dict[str, Any], first_round: dict[str, Any], command
         "| round | system | req/s | TTFT p50 | p90 | p99 | TPOT p50 | p90 | p99 | errors "
         "| req/s vs baseline | TTFT p50 vs baseline |"
     )
-    for c, systems in summary["levels"].items():
-        lines += [f"## Concurrency {c}", "", head, "|" + " --- |" * 12]
+    for level, systems in summary["levels"].items():
+        title = f"Concurrency {level[2:]}" if level.startswith("c=") else f"Open loop, {level}"
+        lines += [f"## {title}", "", head, "|" + " --- |" * 12]
         for index in range(summary["rounds"]):
             for name, rows in systems.items():
                 row = rows[index]
@@ -95,7 +105,7 @@ def render_summary(summary: dict[str, Any], first_round: dict[str, Any], command
                     + f" | {row['errors']} | {ratio(row['throughput_ratio'])} | "
                     f"{ratio(row['ttft_p50_ratio'])} |"
                 )
-        means = summary["mean_ratios"][c]
+        means = summary["mean_ratios"][level]
         lines += [
             "",
             "Mean over rounds: "
@@ -124,16 +134,16 @@ def _stage_lines(summary: dict[str, Any]) -> list[str]:
         "queue, prefill (the ViT included) and decode. Stages before the first token: queue, "
         "preprocess, encode, transfer (overlaps queue and encode), prompt, prefill.",
         "",
-        "| round | system | concurrency | " + " | ".join(DVD_STAGES) + " |",
+        "| round | system | level | " + " | ".join(DVD_STAGES) + " |",
         "|" + " --- |" * (len(DVD_STAGES) + 3),
     ]
-    for c, systems in summary["levels"].items():
+    for level, systems in summary["levels"].items():
         for index in range(summary["rounds"]):
             for name, rows in systems.items():
                 stages = (rows[index] or {}).get("stages_ms") or {}
                 if stages:
                     cells = [number(stages.get(stage)) for stage in DVD_STAGES]
-                    lines.append(f"| {index + 1} | {name} | {c} | " + " | ".join(cells) + " |")
+                    lines.append(f"| {index + 1} | {name} | {level} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -142,8 +152,8 @@ def _cpu_lines(summary: dict[str, Any]) -> list[str]:
     from benchmarks.compare.markdown import CPU_INTRO, cpu_table
 
     rows = [
-        ([str(index + 1), name, c], (per_round[index] or {}).get("cpu"))
-        for c, systems in summary["levels"].items()
+        ([str(index + 1), name, level], (per_round[index] or {}).get("cpu"))
+        for level, systems in summary["levels"].items()
         for index in range(summary["rounds"])
         for name, per_round in systems.items()
     ]
@@ -152,5 +162,5 @@ def _cpu_lines(summary: dict[str, Any]) -> list[str]:
         "",
         CPU_INTRO,
         "",
-        *cpu_table(rows, ["round", "system", "concurrency"]),
+        *cpu_table(rows, ["round", "system", "level"]),
     ]

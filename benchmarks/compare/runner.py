@@ -2,8 +2,9 @@
 
 For each system: launch it (its own process group), ask it two greedy questions (a text
 and an image prompt, to check that the systems serving the same weights answer alike),
-send the warm-up requests, then each concurrency level with a scrape of its `/metrics`
-before and after (so the stage times cover exactly that level's requests), and stop it.
+send the warm-up requests, then each concurrency level and each open-loop rate with a
+scrape of its `/metrics` before and after (so the stage times cover exactly that level's
+requests), and stop it.
 A system that fails to start or to serve is recorded with its error and log tail; the
 others still run.
 """
@@ -14,16 +15,21 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from benchmarks.compare.config import CompareConfig
 from benchmarks.compare.interference import IDLE, CpuWatch, wait_quiet
 from benchmarks.compare.lineup import SystemSpec, dvd_argv
-from benchmarks.compare.results import LevelRun, SystemRun
+from benchmarks.compare.results import LevelRun, SystemRun, level_name
 from benchmarks.compare.stages import Stages, delta, scrape
+
+if TYPE_CHECKING:
+    from benchmarks.serve.config import BenchConfig
 
 GREEDY_TEXT = "Describe the city by the river in one sentence."
 GREEDY_IMAGE_PROMPT = "What is in this image?"
@@ -72,59 +78,82 @@ def omp_binding(log_text: str) -> str | None:
     return text + (f", reserved [{reserved[-1]}] for its other processes" if reserved else "")
 
 
-def _scrape(run: SystemRun, metrics_url: str, concurrency: int) -> Stages | None:
+def _scrape(run: SystemRun, metrics_url: str, level: str) -> Stages | None:
     try:
         return scrape(metrics_url, run.stage_source)
     except OSError as exc:
-        run.notes.append(f"c={concurrency}: no stage metrics ({exc})")
+        run.notes.append(f"{level}: no stage metrics ({exc})")
         return None
 
 
 def _measure_levels(
     run: SystemRun, config: CompareConfig, base_url: str, out: Path, progress: bool
 ) -> None:
-    from benchmarks.serve.report import write_json
     from benchmarks.serve.runner import run_benchmark
 
     traffic = config.traffic
-    metrics_url = base_url + METRICS_PATH
     warm = asyncio.run(run_benchmark(traffic.warmup(base_url, run.extra_body)))
     if warm.summary.completed == 0:
         errors = {r.error for r in warm.requests}
         raise RuntimeError(f"every warm-up request failed: {'; '.join(map(str, errors))}")
+    measure = partial(_measure_level, run, config, base_url + METRICS_PATH, out, progress)
     for index, concurrency in enumerate(traffic.concurrencies):
-        attempts: list[LevelRun] = []
-        for attempt in range(config.retries + 1):
-            wait_quiet(config.quiet_wait_s)
-            bench = traffic.level(base_url, index, run.extra_body, attempt)
-            before = _scrape(run, metrics_url, concurrency)
-            watch = CpuWatch()
-            watch.start()
-            result = asyncio.run(run_benchmark(bench, progress=progress))
-            cpu = watch.stop()
-            other = None if cpu is None else cpu.other
-            idle = None if cpu is None else cpu.by_role[IDLE]
-            after = _scrape(run, metrics_url, concurrency)
-            stages = delta(before, after) if before is not None and after is not None else {}
-            attempts.append(LevelRun(concurrency, result, stages, cpu))
-            summary = result.summary
-            print(
-                f"  {run.name} c={concurrency}: {summary.request_throughput:.2f} req/s, "
-                f"TTFT mean {summary.ttft_ms.mean or 0:.0f} ms, errors {summary.errors}, "
-                f"other processes {other or 0:.2f} CPUs, idle {idle or 0:.2f} CPUs",
-                flush=True,
-            )
-            if other is None or other <= config.busy_cpus:
-                break
-        kept = min(attempts, key=lambda a: a.other_cpus or 0.0)
-        if len(attempts) > 1:
-            busy = ", ".join(f"{a.other_cpus or 0:.2f}" for a in attempts)
-            run.notes.append(
-                f"c={concurrency} was run {len(attempts)} times (other processes used {busy} "
-                "CPUs); the quietest attempt is reported"
-            )
-        run.levels.append(kept)
-        write_json(kept.result, out / "raw" / f"{run.name}-c{concurrency}.json")
+        bench = partial(traffic.level, base_url, index, run.extra_body)
+        run.levels.append(measure(bench, concurrency, None))
+    for index, rate in enumerate(traffic.request_rates):
+        bench = partial(traffic.rate_level, base_url, index, run.extra_body)
+        run.rate_levels.append(measure(bench, 0, rate))
+
+
+def _measure_level(
+    run: SystemRun,
+    config: CompareConfig,
+    metrics_url: str,
+    out: Path,
+    progress: bool,
+    bench_for: Callable[[int], BenchConfig],
+    concurrency: int,
+    rate: float | None,
+) -> LevelRun:
+    """One level (`bench_for(attempt)` gives its requests), run again with new images while
+    other processes kept the machine busy; the quietest attempt is kept."""
+    from benchmarks.serve.report import write_json
+    from benchmarks.serve.runner import run_benchmark
+
+    name = level_name(concurrency, rate)
+    attempts: list[LevelRun] = []
+    for attempt in range(config.retries + 1):
+        wait_quiet(config.quiet_wait_s)
+        bench = bench_for(attempt)
+        before = _scrape(run, metrics_url, name)
+        watch = CpuWatch()
+        watch.start()
+        result = asyncio.run(run_benchmark(bench, progress=progress))
+        cpu = watch.stop()
+        after = _scrape(run, metrics_url, name)
+        stages = delta(before, after) if before is not None and after is not None else {}
+        attempts.append(LevelRun(concurrency, result, stages, cpu, rate))
+        summary = result.summary
+        other = None if cpu is None else cpu.other
+        idle = None if cpu is None else cpu.by_role[IDLE]
+        print(
+            f"  {run.name} {name}: {summary.request_throughput:.2f} req/s, "
+            f"TTFT mean {summary.ttft_ms.mean or 0:.0f} ms, errors {summary.errors}, "
+            f"other processes {other or 0:.2f} CPUs, idle {idle or 0:.2f} CPUs",
+            flush=True,
+        )
+        if other is None or other <= config.busy_cpus:
+            break
+    kept = min(attempts, key=lambda a: a.other_cpus or 0.0)
+    if len(attempts) > 1:
+        busy = ", ".join(f"{a.other_cpus or 0:.2f}" for a in attempts)
+        run.notes.append(
+            f"{name} was run {len(attempts)} times (other processes used {busy} "
+            "CPUs); the quietest attempt is reported"
+        )
+    file = f"c{concurrency}" if rate is None else f"rate{rate:g}"
+    write_json(kept.result, out / "raw" / f"{run.name}-{file}.json")
+    return kept
 
 
 def measure_system(
