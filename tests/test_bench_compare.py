@@ -434,7 +434,7 @@ def test_markdown_says_which_checkpoint_each_system_served() -> None:
 
 
 def test_traffic_levels_use_their_own_seeds_and_distinct_images() -> None:
-    traffic = Traffic(concurrencies=(1, 4), min_requests=8, rounds=4)
+    traffic = Traffic(concurrencies=(1, 4), min_requests=8, requests_per_client=4)
     first, second = (
         traffic.level("http://x", 0),
         traffic.level("http://x", 1, {"vir_mode": "router"}),

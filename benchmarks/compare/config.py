@@ -70,8 +70,8 @@ class Traffic:
     output_tokens: int = 16
     concurrencies: tuple[int, ...] = (1, 4)
     min_requests: int = 8
-    rounds: int = 4
-    """Each level sends at least `rounds` x its concurrency requests."""
+    requests_per_client: int = 4
+    """Each level sends at least this many requests per client (x its concurrency)."""
     warmup_requests: int = 2
     timeout_s: float = 300.0
     request_rates: tuple[float, ...] = ()
@@ -85,8 +85,8 @@ class Traffic:
     def __post_init__(self) -> None:
         if not self.concurrencies or any(c < 1 for c in self.concurrencies):
             raise ValueError(f"concurrencies: need positive levels, got {self.concurrencies}")
-        if self.min_requests < 1 or self.rounds < 1:
-            raise ValueError("min_requests, rounds: must be at least 1")
+        if self.min_requests < 1 or self.requests_per_client < 1:
+            raise ValueError("min_requests, requests_per_client: must be at least 1")
         if self.warmup_requests < 0:
             raise ValueError(f"warmup_requests: must be >= 0, got {self.warmup_requests}")
         if any(not 0 < rate < float("inf") for rate in self.request_rates):
@@ -102,7 +102,7 @@ class Traffic:
         return max(self.concurrencies)
 
     def requests_at(self, concurrency: int) -> int:
-        return max(self.min_requests, self.rounds * concurrency)
+        return max(self.min_requests, self.requests_per_client * concurrency)
 
     def _config(
         self,
@@ -174,7 +174,9 @@ class Traffic:
 
 
 QUICK = Traffic()
-FULL = Traffic(concurrencies=(1, 2, 4, 8), min_requests=16, rounds=6, warmup_requests=3)
+FULL = Traffic(
+    concurrencies=(1, 2, 4, 8), min_requests=16, requests_per_client=6, warmup_requests=3
+)
 
 
 @dataclass(frozen=True)

@@ -119,16 +119,18 @@ def _measure_level(
     other processes kept the machine busy; the quietest attempt is kept."""
     from benchmarks.serve.report import write_json
     from benchmarks.serve.runner import run_benchmark
+    from benchmarks.serve.workload import Workload
 
     name = level_name(concurrency, rate)
     attempts: list[LevelRun] = []
     for attempt in range(config.retries + 1):
         wait_quiet(config.quiet_wait_s)
         bench = bench_for(attempt)
+        workload = Workload(bench)  # its images are encoded before the CPU window opens
         before = _scrape(run, metrics_url, name)
         watch = CpuWatch()
         watch.start()
-        result = asyncio.run(run_benchmark(bench, progress=progress))
+        result = asyncio.run(run_benchmark(bench, progress=progress, workload=workload))
         cpu = watch.stop()
         after = _scrape(run, metrics_url, name)
         stages = delta(before, after) if before is not None and after is not None else {}

@@ -59,14 +59,17 @@ async def run_benchmark(
     *,
     progress: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
+    workload: Workload | None = None,
 ) -> BenchmarkResult:
     """Runs the benchmark `config` describes against its endpoint.
 
-    `progress` shows a progress bar on stderr; `transport` replaces the network (tests).
+    `progress` shows a progress bar on stderr; `transport` replaces the network (tests);
+    `workload` is `Workload(config)` made beforehand (it encodes every image, which can take
+    seconds that a caller measuring the servers' CPU use keeps out of its window).
     Raises ValueError when the endpoint cannot be used at all (no model listed, a warm-up
     request failed); failures of measured requests are recorded, not raised.
     """
-    workload = Workload(config)
+    workload = workload or Workload(config)
     schedule = Schedule.of(config)
     timeout = httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 30.0))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
