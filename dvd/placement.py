@@ -19,7 +19,10 @@ So by default, on a CPU host:
 Measured on a 2-CPU host (`dvd bench compare --systems vllm,dvd-up`, small preset, c=8,
 448-896 px images; the committed report is benchmarks/results/ttft-cpu/): unplaced, a
 half/half split and this placement gave 1.33, 1.31 and 1.66 requests/s and a median TTFT of
-4.7, 4.8 and 3.3-4.0 s (a lower language priority than +5 gave no further gain).
+4.7, 4.8 and 3.3-4.0 s (a lower language priority than +5 gave no further gain). Sampled
+under that load, the ViT's two threads shared one core most of the time while vLLM's
+engine held the other; binding them one per core (OMP_PROC_BIND) was worse (1.26 req/s):
+the thread on vLLM's core waits for it, and its partner idles at every barrier.
 
 `--vision-cpus` / `--language-cpus` replace the default (a tier not named then runs on any
 CPU, at normal priority, as before); `--cpu-placement off` turns it off. With --coupled or

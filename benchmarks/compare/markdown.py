@@ -66,6 +66,7 @@ def context_lines(report: dict[str, Any]) -> list[str]:
         f"tokens (ignore_eos), greedy, streamed; fixed concurrency "
         f"{', '.join(map(str, traffic.get('concurrencies', [])))}, "
         + ", ".join(f"{n} requests at c={c}" for c, n in per_level.items())
+        + _open_loop_traffic(traffic)
         + f", after {traffic.get('warmup_requests')} warm-up requests.",
         f"- **Sizing (every system)**: {sizing.get('dtype')}, max_model_len "
         f"{sizing.get('max_model_len')}, max_num_seqs {sizing.get('max_num_seqs')}, KV cache "
@@ -95,6 +96,16 @@ def systems_table(report: dict[str, Any]) -> list[str]:
     for name, system in report["systems"].items():
         lines.append(f"| {name} | {system.get('label', '')} | `{system.get('model') or '-'}` |")
     return lines
+
+
+def _open_loop_traffic(traffic: dict[str, Any]) -> str:
+    rates = traffic.get("request_rates") or []
+    if not rates:
+        return ""
+    return (
+        f"; then open loop: {traffic.get('requests_per_rate')} requests arriving at Poisson "
+        f"times at each of {', '.join(f'{r:g}' for r in rates)} requests/s"
+    )
 
 
 CPU_INTRO = (
