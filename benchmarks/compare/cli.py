@@ -145,9 +145,12 @@ def _traffic(args: argparse.Namespace) -> Any:
         changes["concurrencies"] = tuple(int(c) for c in args.concurrency.split(",") if c)
     try:
         changes["request_rates"] = tuple(float(r) for r in args.request_rates.split(",") if r)
-        return replace(traffic, requests_per_rate=args.rate_requests, **changes)
     except ValueError as error:
-        raise SystemExit(f"dvd bench compare: --request-rates / --rate-requests: {error}") from None
+        raise SystemExit(f"dvd bench compare: --request-rates: {error}") from None
+    try:
+        return replace(traffic, requests_per_rate=args.rate_requests, **changes)
+    except ValueError as error:  # the field it names is the flag's
+        raise SystemExit(f"dvd bench compare: {error}") from None
 
 
 def _specs(args: argparse.Namespace, family: Family) -> list[Any]:
@@ -195,19 +198,19 @@ def _notes(specs: list[Any], family: Family) -> list[str]:
 
 def _print_table(report: dict[str, Any]) -> None:
     print(
-        f"{'system':<10}{'c':>4}{'req/s':>9}{'tok/s':>9}{'TTFT ms':>10}{'TPOT ms':>9}"
+        f"{'system':<10}{'level':>10}{'req/s':>9}{'tok/s':>9}{'TTFT ms':>10}{'TPOT ms':>9}"
         f"{'err':>5}{'req/s vs vllm':>15}"
     )
     for name, system in report["systems"].items():
         if not system.get("by_concurrency"):
             print(f"{name:<10}  not measured: {str(system.get('error')).splitlines()[0]}")
             continue
-        levels = [*system["by_concurrency"].items()]
-        levels += [(f"{rate}/s", figs) for rate, figs in system.get("by_rate", {}).items()]
+        levels = [(f"c={c}", figs) for c, figs in system["by_concurrency"].items()]
+        levels += [(f"{rate} req/s", figs) for rate, figs in system.get("by_rate", {}).items()]
         for c, figs in levels:
             r = (figs.get("ratio_to_vllm") or {}).get("request_throughput")
             print(
-                f"{name:<10}{c:>4}{figs['request_throughput']:>9.2f}"
+                f"{name:<10}{c:>10}{figs['request_throughput']:>9.2f}"
                 f"{figs['output_throughput']:>9.1f}{figs['ttft_ms']['mean'] or 0:>10.0f}"
                 f"{figs['tpot_ms']['mean'] or 0:>9.1f}{figs['errors']:>5}"
                 f"{'-' if r is None else f'{r:.2f}x':>15}"

@@ -93,6 +93,9 @@ class Traffic:
             raise ValueError(
                 f"request_rates: need positive, finite rates, got {self.request_rates}"
             )
+        keys = [f"{rate:g}" for rate in self.request_rates]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"request_rates: each rate once, got {', '.join(keys)}")
         if self.requests_per_rate < 1:
             raise ValueError(f"requests_per_rate: must be at least 1, got {self.requests_per_rate}")
 
@@ -112,6 +115,7 @@ class Traffic:
         seed: int,
         extra: dict[str, Any],
         rate: float | None = None,
+        arrival_seed: int | None = None,
     ) -> BenchConfig:
         return BenchConfig(
             base_url=base_url,
@@ -128,6 +132,7 @@ class Traffic:
             extra_body=extra,
             timeout_s=self.timeout_s,
             seed=seed,
+            arrival_seed=arrival_seed,
         )
 
     def level(
@@ -142,11 +147,14 @@ class Traffic:
     def rate_level(
         self, base_url: str, index: int, extra_body: dict[str, Any] | None = None, attempt: int = 0
     ) -> BenchConfig:
-        """Open-loop level `index`: `requests_per_rate` requests at Poisson arrival times."""
+        """Open-loop level `index`: `requests_per_rate` requests at Poisson arrival times.
+        A repeated attempt gets new images but the same arrival times, so every system
+        faces the same offered load."""
         seed = self.RATE_SEED + index + 100 * attempt
         extra = dict(extra_body or {})
         rate = self.request_rates[index]
-        return self._config(base_url, None, self.requests_per_rate, seed, extra, rate)
+        arrivals = self.RATE_SEED + index
+        return self._config(base_url, None, self.requests_per_rate, seed, extra, rate, arrivals)
 
     def warmup(self, base_url: str, extra_body: dict[str, Any] | None = None) -> BenchConfig:
         count = max(self.warmup_requests, 1)

@@ -2,15 +2,20 @@
 
 The systems compared share this machine's CPUs with the load generator and with whatever
 else runs on it. `CpuWatch` measures, between `start()` and `stop()`, the CPU seconds of
-the whole machine (/proc/stat) and of this process and each of its descendants (the
-systems it started, their children, and the children those reaped), and reports them as
-the average number of CPUs each role kept busy (`CpuUse`):
+the CPUs this process may run on (/proc/stat's lines for its affinity set: a container's or
+taskset's, which the systems it starts inherit) and of this process and each of its
+descendants (the systems it started, their children, and the children those reaped,
+counted under the reaper's role), and reports them as the average number of CPUs each role
+kept busy (`CpuUse`):
 
 - the roles of the benchmark's own processes (`role_of`: vision server, language server,
   gateway, vLLM's engine, vLLM's API server, the load generator, ...);
 - "other processes": the rest of the machine. Zero on a quiet machine; anything near a
   whole CPU on a 2-CPU machine means the figures of that level are not comparable;
 - "idle": what nobody used.
+
+CPU time is what the processes took, useful or not: vLLM's processes, for one, busy-poll
+for up to a second after each engine step.
 
 Why it is in the report: at a fixed concurrency C (a closed loop), mean latency is
 C / throughput, and once "idle" is near zero throughput can only rise if a request costs
@@ -30,7 +35,7 @@ LOAD_GENERATOR = "load generator"
 OTHER = "other processes"
 IDLE = "idle"
 ROLES = (
-    ("vLLM engine", ("VLLM::",)),
+    ("vLLM engine", ("VLLM::EngineCore", "VLLM::Worker")),
     ("vision server", ("dvd vision ",)),
     ("language server", ("dvd language ",)),
     ("gateway", ("dvd gateway ",)),
@@ -52,14 +57,31 @@ def role_of(argv: str) -> str:
     return "other (ours)"
 
 
-def machine_busy_s() -> float | None:
-    """CPU seconds all CPUs spent not idle since boot (None without /proc/stat)."""
+def machine_busy_s(cpus: set[int] | None = None) -> float | None:
+    """CPU seconds `cpus` (default: all) spent not idle since boot (None without /proc/stat)."""
     try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        lines = Path("/proc/stat").read_text().splitlines()
     except OSError:
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / _TICKS
+    if cpus is None:
+        rows = [lines[0]]
+    else:
+        rows = [line for line in lines[1:] if line.startswith("cpu") and _cpu_id(line) in cpus]
+    busy = 0
+    for row in rows:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in row.split()[1:9])
+        busy += user + nice + system + irq + softirq + steal
+    return busy / _TICKS
+
+
+def _cpu_id(line: str) -> int | None:
+    name = line.split(maxsplit=1)[0]
+    return int(name[3:]) if name[3:].isdigit() else None
+
+
+def usable_cpus() -> set[int]:
+    """The CPUs this process (and what it starts) may run on."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
 
 
 @dataclass(frozen=True)
@@ -134,39 +156,55 @@ class CpuUse:
         return {"cpus": self.cpus, "seconds": self.seconds, "by_role": dict(self.by_role)}
 
 
+@dataclass(frozen=True)
+class _Member:
+    role: str
+    cpu_s: float
+    ppid: int
+
+
 class CpuWatch:
-    """Where the machine's CPUs went between start() and stop()."""
+    """Where the usable CPUs went between start() and stop()."""
 
     def start(self) -> None:
-        self._machine = machine_busy_s()
-        self._ours = self._tree_by_pid()
+        self._cpus = usable_cpus() or None
+        self._ours = self._tree()
+        self._machine = machine_busy_s(self._cpus)
         self._started = time.monotonic()
 
     def stop(self) -> CpuUse | None:
-        machine = machine_busy_s()
+        machine = machine_busy_s(self._cpus)
         elapsed = time.monotonic() - self._started
         if machine is None or self._machine is None or elapsed <= 0:
             return None
+        now = self._tree()
         used: dict[str, float] = {}
-        for pid, (role, cpu_s) in self._tree_by_pid().items():
+        for pid, member in now.items():
             before = self._ours.get(pid)
-            spent = cpu_s - (before[1] if before is not None else 0.0)
-            used[role] = used.get(role, 0.0) + max(0.0, spent)
-        ours = sum(used.values())
-        cpus = os.cpu_count() or 1
+            spent = member.cpu_s - (before.cpu_s if before is not None else 0.0)
+            used[member.role] = used.get(member.role, 0.0) + spent
+        for pid, gone in self._ours.items():
+            reaper = now.get(gone.ppid)
+            if pid not in now and reaper is not None:
+                # its reaper's cutime now holds its whole life, of which this much came before
+                used[reaper.role] = used.get(reaper.role, 0.0) - gone.cpu_s
+        used = {role: max(0.0, seconds) for role, seconds in used.items()}
+        busy = machine - self._machine
+        cpus = len(self._cpus) if self._cpus else (os.cpu_count() or 1)
         by_role = {role: seconds / elapsed for role, seconds in used.items() if seconds > 0}
-        by_role[OTHER] = max(0.0, (machine - self._machine) - ours) / elapsed
-        by_role[IDLE] = max(0.0, cpus - (machine - self._machine) / elapsed)
+        by_role[OTHER] = max(0.0, busy - sum(used.values())) / elapsed
+        by_role[IDLE] = max(0.0, cpus - busy / elapsed)
         return CpuUse(cpus, elapsed, by_role)
 
     @staticmethod
-    def _tree_by_pid() -> dict[int, tuple[str, float]]:
+    def _tree() -> dict[int, _Member]:
         processes = _processes()
         me = os.getpid()
         return {
-            pid: (
+            pid: _Member(
                 LOAD_GENERATOR if pid == me else role_of(processes[pid].argv),
                 processes[pid].cpu_s,
+                processes[pid].ppid,
             )
             for pid in _tree(processes, me)
         }

@@ -111,9 +111,10 @@ def _open_loop_traffic(traffic: dict[str, Any]) -> str:
 CPU_INTRO = (
     "Average CPUs each process kept busy while the level ran, and in brackets its CPU "
     "seconds per completed request (from /proc; the load generator is this benchmark's own "
-    "process, idle is what nobody used). At a fixed concurrency C, mean latency is "
-    "C / throughput: once idle is near zero, only fewer CPU seconds per request raise "
-    "throughput and lower latency together."
+    "process, idle is what the CPUs it may use left unused). CPU time is what a process "
+    "took, useful or not: vLLM's processes busy-poll for up to a second after each engine "
+    "step. At a fixed concurrency C, mean latency is C / throughput: once idle is near "
+    "zero, only fewer CPU seconds per request raise throughput and lower latency together."
 )
 
 
@@ -122,6 +123,8 @@ def cpu_table(rows: list[tuple[list[str], dict[str, Any] | None]], heads: list[s
     from benchmarks.compare.interference import IDLE, LOAD_GENERATOR, ROLE_ORDER
 
     present = {role for _, cpu in rows if cpu for role in cpu["by_role"]}
+    if not present:
+        return []  # reports from before CPU use was measured
     roles = [role for role in ROLE_ORDER if role in present]
     lines = [
         "| " + " | ".join([*heads, *roles, "serving CPU s / request"]) + " |",
@@ -157,6 +160,13 @@ def report_levels(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
             if f"{rate:g}" in system.get("by_rate", {}):
                 found.append((name, f"{rate:g} req/s", system["by_rate"][f"{rate:g}"]))
     return found
+
+
+def cpu_section(table: list[str]) -> list[str]:
+    """The "Where the CPUs went" section around `table`; nothing without one."""
+    if not table:
+        return []
+    return ["## Where the CPUs went", "", CPU_INTRO, "", *table, ""]
 
 
 def _cpu_table(report: dict[str, Any]) -> list[str]:
@@ -246,12 +256,7 @@ def render(report: dict[str, Any], command: str = "") -> str:
         "",
         *_stages_table(report),
         "",
-        "## Where the CPUs went",
-        "",
-        CPU_INTRO,
-        "",
-        *_cpu_table(report),
-        "",
+        *cpu_section(_cpu_table(report)),
         "## Where DvD is slower than a baseline",
         "",
     ]

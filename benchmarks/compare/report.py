@@ -15,7 +15,7 @@ Layout:
                         "by_concurrency": {"C": {same figures, ratios and stages}},
                         "by_rate": {"R": {the same, for the open-loop level at R req/s}},
                         "greedy": {"text", "image", "matches_vllm"}}},
-     "attribution": [{"system", "baseline", "concurrency", "slower_on", "stages",
+     "attribution": [{"system", "baseline", "level", "slower_on", "stages",
                       "culprit", "summary"}]}
 
 Ratios are system / baseline for every figure (throughputs: above 1 is better; latencies:
@@ -120,13 +120,14 @@ def _row(stage: str, mine: float, theirs: float) -> dict[str, Any]:
 def attribute(
     name: str,
     baseline: str,
-    concurrency: int,
+    level: str,
     level_ratios: dict[str, Any] | None,
     system_stages: dict[str, float],
     baseline_stages: dict[str, float],
     baseline_source: str,
 ) -> dict[str, Any] | None:
-    """Why `name` is slower than `baseline` at this level; None when it is not slower."""
+    """Why `name` is slower than `baseline` at `level` ("concurrency 4", "0.5 requests/s");
+    None when it is not slower."""
     worse = slower_on(level_ratios)
     if not worse or level_ratios is None:
         return None
@@ -138,7 +139,7 @@ def attribute(
     entry = {
         "system": name,
         "baseline": baseline,
-        "concurrency": concurrency,
+        "level": level,
         "slower_on": worse,
         "stages": rows,
         "culprit": culprit,
@@ -158,10 +159,7 @@ def _summary(
         name, _, stat = figure.partition(".")
         value = level_ratios[name][stat] if stat else level_ratios[name]
         shown.append(f"{figure} {value:.2f}x")
-    text = (
-        f"{entry['system']} vs {entry['baseline']} at concurrency {entry['concurrency']}: "
-        + ", ".join(shown)
-    )
+    text = f"{entry['system']} vs {entry['baseline']} at {entry['level']}: " + ", ".join(shown)
     if not entry["stages"] or not system_stages:
         return text + "; no stage metrics to attribute it"
     top = entry["stages"][0]
@@ -241,7 +239,8 @@ def _attributable(run: SystemRun, level: LevelRun) -> dict[str, float]:
 
 def attributions(runs: dict[str, SystemRun]) -> list[dict[str, Any]]:
     """Every (system, baseline, level) where a dvd system is slower than a baseline (dvd's
-    coupled mode against vLLM too: it shows what dvd's own vision path costs)."""
+    coupled mode against vLLM too: it shows what dvd's own vision path costs), at the
+    concurrency levels and the open-loop rates."""
     found = []
     for name, run in runs.items():
         if name == "vllm":
@@ -250,14 +249,15 @@ def attributions(runs: dict[str, SystemRun]) -> list[dict[str, Any]]:
             other = runs.get(base)
             if other is None or base == name:
                 continue
-            for level in run.levels:
-                base_level = other.level(level.concurrency)
+            pairs = [(lv, other.level(lv.concurrency)) for lv in run.levels]
+            pairs += [(lv, other.rate_level(lv.rate)) for lv in run.rate_levels if lv.rate]
+            for level, base_level in pairs:
                 if base_level is None:
                     continue
                 entry = attribute(
                     name,
                     base,
-                    level.concurrency,
+                    _spelled(level),
                     ratios(figures(level), figures(base_level)),
                     _attributable(run, level),
                     _attributable(other, base_level),
@@ -266,6 +266,13 @@ def attributions(runs: dict[str, SystemRun]) -> list[dict[str, Any]]:
                 if entry is not None:
                     found.append(entry)
     return found
+
+
+def _spelled(level: LevelRun) -> str:
+    """The level in a sentence: "concurrency 4", "0.5 requests/s"."""
+    return (
+        f"concurrency {level.concurrency}" if level.rate is None else f"{level.rate:g} requests/s"
+    )
 
 
 def build_report(

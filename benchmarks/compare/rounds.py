@@ -149,7 +149,7 @@ def _stage_lines(summary: dict[str, Any]) -> list[str]:
 
 def _cpu_lines(summary: dict[str, Any]) -> list[str]:
     """Average CPUs per process and CPU seconds per request, per round and level."""
-    from benchmarks.compare.markdown import CPU_INTRO, cpu_table
+    from benchmarks.compare.markdown import cpu_section, cpu_table
 
     rows = [
         ([str(index + 1), name, level], (per_round[index] or {}).get("cpu"))
@@ -157,10 +157,4 @@ def _cpu_lines(summary: dict[str, Any]) -> list[str]:
         for index in range(summary["rounds"])
         for name, per_round in systems.items()
     ]
-    return [
-        "## Where the CPUs went",
-        "",
-        CPU_INTRO,
-        "",
-        *cpu_table(rows, ["round", "system", "level"]),
-    ]
+    return cpu_section(cpu_table(rows, ["round", "system", "level"]))

@@ -71,6 +71,9 @@ class BenchConfig:
     """Requests sent one at a time before the measured run, and not counted."""
     seed: int = 0
     """Seeds prompts, images, Poisson gaps and random image choice."""
+    arrival_seed: int | None = None
+    """Seeds the Poisson gaps instead of `seed` (None: `seed`), so that a run repeated with
+    new images can keep its arrival times."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slo_ms", MappingProxyType(_normalize_slos(self.slo_ms)))
@@ -188,6 +191,7 @@ class BenchConfig:
             "slo_ms": dict(self.slo_ms),
             "warmup_requests": self.warmup_requests,
             "seed": self.seed,
+            "arrival_seed": self.arrival_seed,
         }
 
 

@@ -53,7 +53,8 @@ class Schedule:
     def of(cls, config: BenchConfig) -> Schedule:
         if config.concurrency is not None:
             return cls(max_in_flight=config.concurrency, seed=config.seed)
-        return cls(config.request_rate, config.arrival, config.max_concurrency, config.seed)
+        seed = config.seed if config.arrival_seed is None else config.arrival_seed
+        return cls(config.request_rate, config.arrival, config.max_concurrency, seed)
 
     def offsets(self) -> Iterator[float]:
         """Due times (s from the start) of requests 0, 1, 2, ...: endless."""
