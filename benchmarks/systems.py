@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,37 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-LOWEST_PICKED_PORT = 10000
-EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, for a server started next.
+    """A loopback port free now, below the ephemeral range (see dvd/ports.py)."""
+    from dvd.ports import free_port as pick
 
-    Picked below the kernel's ephemeral range where there is room: a port bind(0) hands out
-    comes from the range outgoing connections draw their local ports from, so between this
-    call and the server's bind another process's connect() can take it (seen in CI as a
-    gateway exiting with "address already in use")."""
-    low = _ephemeral_low()
-    picks = random.SystemRandom()
-    for _ in range(64 if low > LOWEST_PICKED_PORT + 100 else 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", picks.randrange(LOWEST_PICKED_PORT, low)))
-            except OSError:
-                continue  # in use, or still in TIME_WAIT: pick another
-            return int(sock.getsockname()[1])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ephemeral_low() -> int:
-    """The lowest port of the kernel's ephemeral range (Linux's default where unreadable)."""
-    try:
-        return int(EPHEMERAL_RANGE.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+    return pick()
 
 
 def bench_checkpoint(model: str | None, preset: str, work: Path) -> Path:

@@ -29,7 +29,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING
 from dvd import placement
 from dvd.env import cache_dir, env_name
 from dvd.flags import add_flag, add_repeated_flag, add_tls_flags, tls_from_args
+from dvd.ports import free_ports
 from language_server.cli import ENGINE_FLAGS, add_engine_flags
 
 if TYPE_CHECKING:
@@ -257,18 +257,6 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 now (held open together, so no repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def metrics_ports(args: argparse.Namespace) -> tuple[list[int], int]:

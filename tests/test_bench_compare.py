@@ -376,6 +376,29 @@ def _compare_args(*argv: str) -> Any:
     return parser.parse_args(["compare", *argv])
 
 
+def _one_level_compare_args(out: Path, preset: str, systems: str, *extra: str) -> Any:
+    """A short end-to-end compare: concurrency 1, 448 px images, 8 tokens, 4 requests per
+    open-loop rate (when `extra` asks for one)."""
+    return _compare_args(
+        "--quick",
+        "--out",
+        str(out),
+        "--preset",
+        preset,
+        "--systems",
+        systems,
+        "--concurrency",
+        "1",
+        "--image-sizes",
+        "448x448",
+        "--output-tokens",
+        "8",
+        "--rate-requests",
+        "4",
+        *extra,
+    )
+
+
 def test_qwen3vl_lineup_serves_one_checkpoint_and_has_no_vir(tmp_path: Path) -> None:
     from benchmarks.compare.lineup import QWEN3VL_NO_VIR
     from dvd.checkpoint.family import Family
@@ -631,26 +654,8 @@ def test_gpu_check_stubs_import_here() -> None:
 def test_compare_runs_vllm_and_coupled_on_the_tiny_preset(tmp_path: Path) -> None:
     """vLLM's own server and dvd --coupled on the same tiny weights answer alike."""
     out = tmp_path / "compare"
-    args = _compare_args(
-        "--quick",
-        "--out",
-        str(out),
-        "--preset",
-        "tiny",
-        "--vir-preset",
-        "tiny-flash",
-        "--systems",
-        "vllm,coupled",
-        "--concurrency",
-        "1",
-        "--image-sizes",
-        "448x448",
-        "--output-tokens",
-        "8",
-        "--request-rates",
-        "2",
-        "--rate-requests",
-        "4",
+    args = _one_level_compare_args(
+        out, "tiny", "vllm,coupled", "--vir-preset", "tiny-flash", "--request-rates", "2"
     )
     assert args.func(args) == 0
     report = json.loads((out / "report.json").read_text())
@@ -713,24 +718,8 @@ def test_compare_runs_vllm_and_dvd_grpc_on_one_qwen3vl_checkpoint(tmp_path: Path
     qwen3vl-tiny folder and answer alike; the report names the folder and skips dvd-vir.
     About 2 min on a shared 2-core machine (two servers started, 8 requests each)."""
     out = tmp_path / "compare"
-    args = _compare_args(
-        "--quick",
-        "--out",
-        str(out),
-        "--preset",
-        "qwen3vl-tiny",
-        "--systems",
-        "vllm,dvd-grpc",
-        "--concurrency",
-        "1",
-        "--image-sizes",
-        "448x448",
-        "--output-tokens",
-        "8",
-        "--quiet-wait-s",
-        "0",
-        "--retries",
-        "0",
+    args = _one_level_compare_args(
+        out, "qwen3vl-tiny", "vllm,dvd-grpc", "--quiet-wait-s", "0", "--retries", "0"
     )
     assert args.func(args) == 0
     report = json.loads((out / "report.json").read_text())
