@@ -252,14 +252,13 @@ def test_cpu_watch_splits_the_machine_between_our_processes_others_and_idle() ->
     """A real child that spins and exits is counted under the process that reaped it (this
     one, the load generator), once; the rest is other processes or idle, and the averages
     add up to the CPUs this process may use."""
-    from benchmarks.compare.interference import IDLE, LOAD_GENERATOR, OTHER, CpuWatch, tree_cpu_s
+    from benchmarks.compare.interference import IDLE, LOAD_GENERATOR, OTHER, CpuWatch
 
     watch = CpuWatch()
     watch.start()
     spin = "import time\nend = time.time() + 1.0\nwhile time.time() < end: pass"
     subprocess.run([sys.executable, "-c", spin, "dvd", "gateway"], check=True, timeout=60)
     use = watch.stop()
-    assert tree_cpu_s() > 0
     assert use is not None
     # the child was reaped by this process, so its CPU time is this process's (cutime)
     assert use.by_role[LOAD_GENERATOR] > 0

@@ -79,11 +79,6 @@ def _cpu_id(line: str) -> int | None:
     return int(name[3:]) if name[3:].isdigit() else None
 
 
-def usable_cpus() -> set[int]:
-    """The CPUs this process (and what it starts) may run on."""
-    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
-
-
 @dataclass(frozen=True)
 class _Process:
     ppid: int
@@ -123,12 +118,6 @@ def _tree(processes: dict[int, _Process], root: int) -> set[int]:
     return members & processes.keys()
 
 
-def tree_cpu_s(root: int | None = None) -> float:
-    """CPU seconds of `root` (default: this process) and every descendant alive now."""
-    processes = _processes()
-    return sum(processes[pid].cpu_s for pid in _tree(processes, root or os.getpid()))
-
-
 @dataclass(frozen=True)
 class CpuUse:
     """Average CPUs busy per role between start and stop, plus OTHER and IDLE."""
@@ -156,18 +145,13 @@ class CpuUse:
         return {"cpus": self.cpus, "seconds": self.seconds, "by_role": dict(self.by_role)}
 
 
-@dataclass(frozen=True)
-class _Member:
-    role: str
-    cpu_s: float
-    ppid: int
-
-
 class CpuWatch:
     """Where the usable CPUs went between start() and stop()."""
 
     def start(self) -> None:
-        self._cpus = usable_cpus() or None
+        from dvd.placement import available_cpus  # the CPUs the systems started inherit
+
+        self._cpus = available_cpus() or None
         self._ours = self._tree()
         self._machine = machine_busy_s(self._cpus)
         self._started = time.monotonic()
@@ -179,15 +163,17 @@ class CpuWatch:
             return None
         now = self._tree()
         used: dict[str, float] = {}
-        for pid, member in now.items():
+        for pid, process in now.items():
             before = self._ours.get(pid)
-            spent = member.cpu_s - (before.cpu_s if before is not None else 0.0)
-            used[member.role] = used.get(member.role, 0.0) + spent
+            spent = process.cpu_s - (before.cpu_s if before is not None else 0.0)
+            role = _role(pid, process)
+            used[role] = used.get(role, 0.0) + spent
         for pid, gone in self._ours.items():
             reaper = now.get(gone.ppid)
             if pid not in now and reaper is not None:
                 # its reaper's cutime now holds its whole life, of which this much came before
-                used[reaper.role] = used.get(reaper.role, 0.0) - gone.cpu_s
+                role = _role(gone.ppid, reaper)
+                used[role] = used.get(role, 0.0) - gone.cpu_s
         used = {role: max(0.0, seconds) for role, seconds in used.items()}
         busy = machine - self._machine
         cpus = len(self._cpus) if self._cpus else (os.cpu_count() or 1)
@@ -197,17 +183,14 @@ class CpuWatch:
         return CpuUse(cpus, elapsed, by_role)
 
     @staticmethod
-    def _tree() -> dict[int, _Member]:
+    def _tree() -> dict[int, _Process]:
+        """This process and its descendants now."""
         processes = _processes()
-        me = os.getpid()
-        return {
-            pid: _Member(
-                LOAD_GENERATOR if pid == me else role_of(processes[pid].argv),
-                processes[pid].cpu_s,
-                processes[pid].ppid,
-            )
-            for pid in _tree(processes, me)
-        }
+        return {pid: processes[pid] for pid in _tree(processes, os.getpid())}
+
+
+def _role(pid: int, process: _Process) -> str:
+    return LOAD_GENERATOR if pid == os.getpid() else role_of(process.argv)
 
 
 def wait_quiet(max_wait_s: float, threshold: float = 0.25, window_s: float = 2.0) -> float | None:
