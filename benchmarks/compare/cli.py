@@ -197,6 +197,8 @@ def _notes(specs: list[Any], family: Family) -> list[str]:
 
 
 def _print_table(report: dict[str, Any]) -> None:
+    from benchmarks.compare.markdown import report_levels
+
     print(
         f"{'system':<10}{'level':>10}{'req/s':>9}{'tok/s':>9}{'TTFT ms':>10}{'TPOT ms':>9}"
         f"{'err':>5}{'req/s vs vllm':>15}"
@@ -205,8 +207,7 @@ def _print_table(report: dict[str, Any]) -> None:
         if not system.get("by_concurrency"):
             print(f"{name:<10}  not measured: {str(system.get('error')).splitlines()[0]}")
             continue
-        levels = [(f"c={c}", figs) for c, figs in system["by_concurrency"].items()]
-        levels += [(f"{rate} req/s", figs) for rate, figs in system.get("by_rate", {}).items()]
+        levels = [(level, figs) for n, level, figs in report_levels(report) if n == name]
         for c, figs in levels:
             r = (figs.get("ratio_to_vllm") or {}).get("request_throughput")
             print(

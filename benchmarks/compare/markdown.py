@@ -150,16 +150,15 @@ def cpu_table(rows: list[tuple[list[str], dict[str, Any] | None]], heads: list[s
 def report_levels(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(system, level name, the level's entry) for every level each system ran: the
     concurrency levels ("c=4"), then the open-loop ones ("0.8 req/s")."""
-    traffic = report.get("traffic") or {}
-    found = []
-    for name, system in report["systems"].items():
-        for c in traffic.get("concurrencies", []):
-            if str(c) in system.get("by_concurrency", {}):
-                found.append((name, f"c={c}", system["by_concurrency"][str(c)]))
-        for rate in traffic.get("request_rates", []):
-            if f"{rate:g}" in system.get("by_rate", {}):
-                found.append((name, f"{rate:g} req/s", system["by_rate"][f"{rate:g}"]))
-    return found
+    from benchmarks.compare.results import level_keys
+
+    keys = level_keys(report.get("traffic") or {})
+    return [
+        (name, level, system[group][key])
+        for name, system in report["systems"].items()
+        for level, group, key in keys
+        if key in system.get(group, {})
+    ]
 
 
 def cpu_section(table: list[str]) -> list[str]:

@@ -41,6 +41,17 @@ def level_name(concurrency: int, rate: float | None) -> str:
     return f"c={concurrency}" if rate is None else f"{rate:g} req/s"
 
 
+def level_keys(traffic: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(level name, where a system's report keeps it, its key there) for every level of a
+    report's traffic: the concurrency levels ("c=8", "by_concurrency", "8"), then the
+    open-loop ones ("0.8 req/s", "by_rate", "0.8")."""
+    keys = [
+        (level_name(c, None), "by_concurrency", str(c)) for c in traffic.get("concurrencies", [])
+    ]
+    rates = traffic.get("request_rates", [])
+    return keys + [(level_name(0, r), "by_rate", f"{r:g}") for r in rates]
+
+
 @dataclass
 class SystemRun:
     name: str

@@ -13,16 +13,9 @@ from __future__ import annotations
 from statistics import mean
 from typing import Any
 
+from benchmarks.compare.results import level_keys
+
 HEADLINE_STATS = ("p50", "p90", "p99")
-
-
-def level_keys(traffic: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(level name, where a system's report keeps it, its key there) for every level: the
-    concurrency levels ("c=8", "by_concurrency", "8"), then the open-loop ones ("0.8 req/s",
-    "by_rate", "0.8")."""
-    keys = [(f"c={c}", "by_concurrency", str(c)) for c in traffic.get("concurrencies", [])]
-    rates = traffic.get("request_rates", [])
-    return keys + [(f"{r:g} req/s", "by_rate", f"{r:g}") for r in rates]
 
 
 def _row(report: dict[str, Any], name: str, group: str, key: str) -> dict[str, Any] | None:
