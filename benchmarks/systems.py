@@ -19,12 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A loopback port free now, below the ephemeral range (see dvd/ports.py)."""
-    from dvd.ports import free_port as pick
-
-    return pick()
+from dvd.ports import free_port  # re-exported: the benchmarks and tests pick ports with it
 
 
 def bench_checkpoint(model: str | None, preset: str, work: Path) -> Path:

@@ -392,10 +392,9 @@ def commands(
 def child_env(
     name: str, args: argparse.Namespace, placed: placement.Placement
 ) -> dict[str, str] | None:
-    """Ours, plus the thread counts of `name`'s placement (unless set in ours); the
-    gateway's also carries
-    `--api-key` (argv is logged and world-readable). None: ours unchanged."""
-    # thread counts you exported yourself win over the placement's
+    """Ours, plus the thread counts of `name`'s placement where ours sets none (thread
+    counts you exported yourself win); the gateway's also carries `--api-key` (argv is
+    logged and world-readable). None: ours unchanged."""
     extra = {key: value for key, value in placed.env(name).items() if key not in os.environ}
     if name == "gateway" and args.api_key:
         extra[env_name("gateway", "--api-key")] = shlex.join(args.api_key)
