@@ -27,8 +27,8 @@ the thread on vLLM's core waits for it, and its partner idles at every barrier.
 `--vision-cpus` / `--language-cpus` replace the default (a tier not named then runs on any
 CPU, at normal priority, as before); `--cpu-placement off` turns it off. With --coupled or
 on a host with a GPU (vLLM computes there, and so do the vision servers unless told
-otherwise) nothing is placed; with a single CPU
-nothing is pinned and every vision pool gets one thread.
+otherwise) nothing is placed; with a single CPU nothing is pinned and every vision pool
+gets one thread.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 
 LANGUAGE_SHARE = 0.5
 """The language server's share of the CPUs (the last ones, rounded down, at least one): 1 of
-2 or 3, 2 of 4 or 5. Per request, the
-ViT and the LLM's prefill and decode cost about the same CPU time on the small preset with
-448-896 px images (one core: 0.47 s of ViT, about 0.5 s of LLM)."""
+2 or 3, 2 of 4 or 5. Per request, the ViT and the LLM's prefill and decode cost about the
+same CPU time on the small preset with 448-896 px images (one core: 0.47 s of ViT, about
+0.5 s of LLM)."""
 LANGUAGE_NICE = 5
 """How much lower the language server's CPU priority is (nice; CFS then gives a ViT thread
 about three times the LLM's share of a core both want)."""

@@ -9,8 +9,8 @@ small, and the requests at the head of the queue finish first instead of everyon
 The time per unit (tile or patch) is learnt from the batches run, as a moving average of
 batch time / units; the first batch is not counted (it pays one-off costs: kernel
 selection, allocator growth, a GPU's lazy start, ten times a later one's), and until the
-second the cap is the configured maximum. Only the cap
-moves: the queue's bound and the maximum batch stay as configured. Measured on 2 CPUs
+second the cap is the configured maximum. Only the cap moves: the queue's bound and the
+maximum batch stay as configured. Measured on 2 CPUs
 (`dvd bench compare --systems vllm,dvd-up`, c=8, 448-896 px images): 32-tile batches gave
 1.3 req/s, 4-tile (~270 ms) batches 1.6 req/s.
 """
